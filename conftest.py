@@ -1,0 +1,20 @@
+"""Test-session set-up shared by tests/ and the doctests under src/."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Profiles: "ci" (default, quick), "dev" (a bit more), "deep" (the fuzz run of `make fuzz`).
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "deep",
+    max_examples=10_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("SEGKD_HYPOTHESIS_PROFILE", "ci"))

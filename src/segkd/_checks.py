@@ -1,0 +1,221 @@
+"""Argument validation shared by every segkd loss and op.
+
+Every user-facing check lives here so that error messages have one voice:
+they name the argument, say what was expected and show what was received.
+Checks never use ``assert`` (it vanishes under ``python -O``) and never force a
+device synchronisation unless the user opts in with ``SEGKD_CHECK_FINITE=1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "REDUCTIONS",
+    "check_choice",
+    "check_exact_dims",
+    "check_finite_if_enabled",
+    "check_finite_number",
+    "check_floating_tensor",
+    "check_in_range",
+    "check_labels",
+    "check_min_dims",
+    "check_non_negative",
+    "check_nonempty",
+    "check_positive",
+    "check_positive_int",
+    "check_probability",
+    "check_reduction",
+    "check_same_device",
+    "check_same_shape",
+    "check_student_teacher_logits",
+    "finite_check_enabled",
+    "shape_str",
+]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def shape_str(shape: Sequence[int] | torch.Size) -> str:
+    """Format a shape as ``(2, 19, 64, 64)`` for error messages."""
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def check_floating_tensor(value: Any, name: str) -> Tensor:
+    """Raise ``TypeError`` unless ``value`` is a floating-point tensor."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(value).__name__}.")
+    if not value.is_floating_point():
+        raise TypeError(f"Expected `{name}` to have a floating-point dtype, got {value.dtype}.")
+    return value
+
+
+def check_min_dims(value: Tensor, name: str, min_dims: int, layout: str = "(N, C, H, W) or (N, C, L)") -> None:
+    """Raise ``ValueError`` if ``value`` has fewer than ``min_dims`` dimensions."""
+    if value.dim() < min_dims:
+        raise ValueError(
+            f"Expected `{name}` to have at least {min_dims} dimensions {layout}, "
+            f"got {value.dim()} dimensions with shape {shape_str(value.shape)}."
+        )
+
+
+def check_exact_dims(value: Tensor, name: str, dims: int, layout: str) -> None:
+    """Raise ``ValueError`` unless ``value`` has exactly ``dims`` dimensions."""
+    if value.dim() != dims:
+        raise ValueError(
+            f"Expected `{name}` to have {dims} dimensions {layout}, "
+            f"got {value.dim()} dimensions with shape {shape_str(value.shape)}."
+        )
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str = "student", name_b: str = "teacher") -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have identical shapes."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"Expected `{name_a}` and `{name_b}` to have the same shape, "
+            f"got {shape_str(a.shape)} and {shape_str(b.shape)}."
+        )
+
+
+def check_same_device(a: Tensor, b: Tensor, name_a: str = "student", name_b: str = "teacher") -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` live on the same device."""
+    if a.device != b.device:
+        raise ValueError(f"Expected `{name_a}` and `{name_b}` to be on the same device, got {a.device} and {b.device}.")
+
+
+def check_nonempty(value: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``value`` has a zero-sized dimension."""
+    if value.numel() == 0:
+        raise ValueError(f"Expected `{name}` to be non-empty, got shape {shape_str(value.shape)}.")
+
+
+def check_student_teacher_logits(student: Any, teacher: Any, min_dims: int = 3) -> tuple[Tensor, Tensor]:
+    """Validate a pair of logit (or feature) tensors of the same shape.
+
+    Checks type, floating dtype, number of dimensions, identical shapes, device, and
+    non-emptiness; then, when ``SEGKD_CHECK_FINITE=1``, that both are finite.
+    """
+    check_floating_tensor(student, "student")
+    check_floating_tensor(teacher, "teacher")
+    check_min_dims(student, "student", min_dims)
+    check_min_dims(teacher, "teacher", min_dims)
+    check_same_shape(student, teacher)
+    check_same_device(student, teacher)
+    check_nonempty(student, "student")
+    check_finite_if_enabled(student, "student")
+    check_finite_if_enabled(teacher, "teacher")
+    return student, teacher
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a finite number > 0."""
+    if not _is_real_number(value):
+        raise TypeError(f"Expected `{name}` to be a real number, got {type(value).__name__}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Expected `{name}` to be a finite number > 0, got {value}.")
+    return float(value)
+
+
+def check_finite_number(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a finite real number."""
+    if not _is_real_number(value):
+        raise TypeError(f"Expected `{name}` to be a real number, got {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"Expected `{name}` to be finite, got {value}.")
+    return float(value)
+
+
+def check_non_negative(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a finite number >= 0."""
+    value = check_finite_number(value, name)
+    if value < 0:
+        raise ValueError(f"Expected `{name}` to be >= 0, got {value}.")
+    return value
+
+
+def check_in_range(
+    value: Any, name: str, low: float, high: float, *, low_inclusive: bool = True, high_inclusive: bool = True
+) -> float:
+    """Return ``value`` as a float, raising unless it lies in the given interval."""
+    value = check_finite_number(value, name)
+    above_low = value >= low if low_inclusive else value > low
+    below_high = value <= high if high_inclusive else value < high
+    if not (above_low and below_high):
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        raise ValueError(f"Expected `{name}` to be in {left}{low}, {high}{right}, got {value}.")
+    return value
+
+
+def check_probability(value: Any, name: str) -> float:
+    """Return ``value`` as a float in ``[0, 1)``."""
+    return check_in_range(value, name, 0.0, 1.0, high_inclusive=False)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return ``value`` unchanged, raising unless it is an ``int`` >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"Expected `{name}` to be >= 1, got {value}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Expected `{name}` to be one of {options}, got {value!r}.")
+    return str(value)
+
+
+def check_reduction(reduction: Any) -> str:
+    """Validate ``reduction`` against ``"mean"``, ``"sum"`` and ``"none"``."""
+    return check_choice(reduction, "reduction", REDUCTIONS)
+
+
+def check_labels(labels: Any, name: str = "labels", batch_size: int | None = None) -> Tensor:
+    """Validate an integer label map of shape ``(N, H, W)``."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"Expected `{name}` to have an integer dtype (class ids), got {labels.dtype}.")
+    check_exact_dims(labels, name, 3, "(N, H, W)")
+    if batch_size is not None and labels.shape[0] != batch_size:
+        raise ValueError(
+            f"Expected `{name}` to have batch size {batch_size} to match the inputs, "
+            f"got shape {shape_str(labels.shape)}."
+        )
+    return labels
+
+
+def finite_check_enabled() -> bool:
+    """Whether the opt-in NaN/Inf input check is on (``SEGKD_CHECK_FINITE=1``)."""
+    return os.environ.get("SEGKD_CHECK_FINITE", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_finite_if_enabled(value: Tensor, name: str) -> None:
+    """Raise ``ValueError`` on NaN/Inf in ``value`` when ``SEGKD_CHECK_FINITE=1``.
+
+    Off by default: the check reads the tensor back to the host, which
+    synchronises a CUDA stream.
+    """
+    if not finite_check_enabled():
+        return
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"Expected `{name}` to be finite, found {bad} NaN/Inf values in a tensor of shape {shape_str(value.shape)} "
+            "(this check is on because SEGKD_CHECK_FINITE=1)."
+        )

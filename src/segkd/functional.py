@@ -1,0 +1,7 @@
+"""Functional forms of every segkd loss (the modules in :mod:`segkd` store settings and call these)."""
+
+from segkd.losses.cwd import cwd_loss
+from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
+from segkd.ops.channel_kl import channel_kl
+
+__all__ = ["channel_kl", "cwd_loss", "hwd_loss", "hwd_weights", "hwd_weights_from_divergence"]

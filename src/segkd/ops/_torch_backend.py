@@ -1,0 +1,72 @@
+"""Pure-PyTorch backend of :func:`segkd.ops.channel_kl`: the reference every other backend is tested against.
+
+Both functions work on rows: ``(R, L)`` tensors where each row is one ``(n, c)`` channel
+flattened over its ``L = H * W`` positions. Rows are processed in blocks of at most
+``_BLOCK_ELEMENTS`` elements so that the temporaries (softmaxes in fp32) never grow with
+the batch: peak extra memory is a few blocks, not a few copies of the input.
+
+Launcher contract (shared with the Triton backend):
+
+* ``forward(student, teacher, tau, need_sqdist) -> (kl, sqdist | None, lse_s, lse_t)``, every
+  output of shape ``(R,)`` in the compute dtype (fp32, or fp64 for fp64 inputs). ``lse_*`` is
+  ``logsumexp(x / tau)`` of each row: the only statistics the backward needs.
+* ``backward(student, teacher, lse_s, lse_t, grad_kl, tau) -> grad_student`` of shape ``(R, L)``
+  in the student's dtype, ``grad_kl[r] / tau * (p_S - p_T)`` computed in the compute dtype and
+  rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_blocks(num_rows: int, row_length: int) -> list[slice]:
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(row_length, 1))
+    return [slice(start, min(start + rows_per_block, num_rows)) for start in range(0, num_rows, rows_per_block)]
+
+
+def forward(
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
+    num_rows, row_length = student.shape
+    dtype = compute_dtype(student.dtype)
+    kl = torch.empty(num_rows, dtype=dtype, device=student.device)
+    lse_s = torch.empty_like(kl)
+    lse_t = torch.empty_like(kl)
+    sqdist = torch.empty_like(kl) if need_sqdist else None
+    for rows in _row_blocks(num_rows, row_length):
+        s = student[rows].to(dtype) / tau
+        t = teacher[rows].to(dtype) / tau
+        lse_s_block = torch.logsumexp(s, dim=1)
+        lse_t_block = torch.logsumexp(t, dim=1)
+        p_t = (t - lse_t_block[:, None]).exp_()
+        # KL = sum_i p_T,i (log p_T,i - log p_S,i) = sum_i p_T,i (t_i - s_i) - (lse_T - lse_S), as sum_i p_T,i = 1.
+        kl[rows] = (p_t * (t - s)).sum(dim=1) - (lse_t_block - lse_s_block)
+        lse_s[rows] = lse_s_block
+        lse_t[rows] = lse_t_block
+        if sqdist is not None:
+            p_s = (s - lse_s_block[:, None]).exp_()
+            sqdist[rows] = p_s.sub_(p_t).square_().sum(dim=1)
+    return kl, sqdist, lse_s, lse_t
+
+
+def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float) -> Tensor:
+    """Gradient of ``sum_r grad_kl[r] * KL_r`` with respect to the student rows."""
+    num_rows, row_length = student.shape
+    dtype = lse_s.dtype
+    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    scale = grad_kl.to(dtype) / tau
+    for rows in _row_blocks(num_rows, row_length):
+        p_s = (student[rows].to(dtype) / tau).sub_(lse_s[rows, None]).exp_()
+        p_t = (teacher[rows].to(dtype) / tau).sub_(lse_t[rows, None]).exp_()
+        grad_student[rows] = p_s.sub_(p_t).mul_(scale[rows, None])
+    return grad_student

@@ -1,0 +1,195 @@
+"""``channel_kl``: the spatial-softmax KL between teacher and student channels, shared by CWD and HWD.
+
+Four layers, four names:
+
+* :func:`channel_kl` (dispatcher): validates, flattens ``(N, C, *)`` to rows, picks a backend.
+* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row log-normalisers only.
+* launchers: ``_torch_backend.forward/backward`` and ``_triton_backend.forward/backward``.
+* kernels: the PyTorch reference blocks, or the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from segkd import _checks
+from segkd.ops import _torch_backend
+
+__all__ = ["BACKENDS", "ChannelKLFunction", "available_backends", "channel_kl", "resolve_backend"]
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+_DISABLE_TRITON_ENV = "SEGKD_DISABLE_TRITON"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _triton_module() -> ModuleType | None:
+    """The Triton launcher module, or ``None`` when Triton cannot be imported here."""
+    try:
+        return importlib.import_module("segkd.ops._triton_backend")
+    except ImportError:
+        return None
+
+
+def available_backends() -> list[str]:
+    """Concrete backends usable in this environment (``"torch"`` always is)."""
+    names = ["torch"]
+    if not _env_flag(_DISABLE_TRITON_ENV) and _triton_module() is not None:
+        names.append("triton")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``"auto" | "torch" | "triton"`` into the concrete backend for ``device``.
+
+    ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"`` whatever was asked. ``"auto"`` picks Triton
+    for CUDA tensors when it imports, the PyTorch reference otherwise.
+
+    Raises:
+        ValueError: unknown ``backend``.
+        RuntimeError: ``backend="triton"`` where Triton cannot be imported.
+    """
+    _checks.check_choice(backend, "backend", BACKENDS)
+    if backend == "torch" or _env_flag(_DISABLE_TRITON_ENV):
+        return "torch"
+    if backend == "triton":
+        if _triton_module() is None:
+            raise RuntimeError(
+                "backend='triton' was requested but Triton is not available: install it with "
+                "`pip install segkd[triton]`, or use backend='torch'."
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and _triton_module() is not None else "torch"
+
+
+def _launcher(name: str) -> ModuleType:
+    if name == "torch":
+        return _torch_backend
+    module = _triton_module()
+    if module is None:  # resolve_backend already checked; only reachable if Triton vanished since.
+        raise RuntimeError("The Triton backend could not be imported.")
+    return module
+
+
+class ChannelKLFunction(torch.autograd.Function):
+    """Autograd node of :func:`channel_kl` on ``(R, L)`` rows.
+
+    Saves ``student``, ``teacher`` and the per-row ``logsumexp`` of each; never a softmax.
+    The squared distance output carries no gradient; the teacher gets none either.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
+    ) -> tuple[Tensor, Tensor]:
+        kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t)
+        ctx.tau = tau  # type: ignore[attr-defined]
+        ctx.backend = backend  # type: ignore[attr-defined]
+        if sqdist is None:
+            sqdist = kl.new_empty(0)
+        ctx.mark_non_differentiable(sqdist)
+        return kl, sqdist
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_kl: Tensor | None, grad_sqdist: Tensor | None) -> tuple[Tensor | None, ...]:
+        student, teacher, lse_s, lse_t = ctx.saved_tensors
+        if grad_kl is None or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_student = _launcher(ctx.backend).backward(student, teacher, lse_s, lse_t, grad_kl.contiguous(), ctx.tau)
+        return grad_student, None, None, None, None
+
+
+@overload
+def channel_kl(
+    student: Tensor, teacher: Tensor, tau: float = ..., *, return_sqdist: Literal[False] = ..., backend: Backend = ...
+) -> Tensor: ...
+
+
+@overload
+def channel_kl(
+    student: Tensor, teacher: Tensor, tau: float = ..., *, return_sqdist: Literal[True], backend: Backend = ...
+) -> tuple[Tensor, Tensor]: ...
+
+
+def channel_kl(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float = 1.0,
+    *,
+    return_sqdist: bool = False,
+    backend: Backend = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Channel-wise KL divergence between spatial softmaxes of teacher and student.
+
+    Each channel ``(n, c)`` is turned into a distribution over its ``L = H * W`` positions,
+
+    .. math::
+
+        p_S[n, c, i] = \frac{\exp(s_{n,c,i} / \tau)}{\sum_j \exp(s_{n,c,j} / \tau)}, \qquad
+        \mathrm{kl}[n, c] = \sum_i p_T[n, c, i] \log \frac{p_T[n, c, i]}{p_S[n, c, i]},
+
+    and optionally :math:`\mathrm{sqdist}[n, c] = \sum_i (p_S[n,c,i] - p_T[n,c,i])^2`.
+
+    The backward pass gives ``grad_student = grad_kl[n, c] / tau * (p_S - p_T)``; the teacher is
+    detached and gets no gradient; ``sqdist`` carries none. Statistics are accumulated in fp32
+    (fp64 for fp64 inputs) and returned in that dtype; the gradient has the student's dtype.
+    Only the inputs and two numbers per channel are kept for the backward pass.
+
+    Args:
+        student: student logits.
+        teacher: teacher logits, same shape and device (a different floating dtype is promoted).
+        tau: softmax temperature, > 0.
+        return_sqdist: also return the squared L2 distance between the two softmaxes.
+        backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"`` or
+            ``"triton"``. ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"``.
+
+    Shape:
+        - student, teacher: ``(N, C, H, W)`` or ``(N, C, L)`` (any trailing dims are flattened).
+        - output: ``(N, C)``, and ``(N, C)`` for ``sqdist``.
+
+    Returns:
+        ``kl``, or ``(kl, sqdist)`` when ``return_sqdist=True``.
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, non-numeric ``tau``.
+        ValueError: shapes differ, fewer than 3 dims, empty input, different devices,
+            ``tau <= 0``, unknown ``backend``; NaN/Inf inputs when ``SEGKD_CHECK_FINITE=1``.
+        RuntimeError: ``backend="triton"`` without Triton.
+
+    Example:
+        >>> import torch
+        >>> from segkd.ops import channel_kl
+        >>> _ = torch.manual_seed(0)
+        >>> student, teacher = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+        >>> kl = channel_kl(student, teacher, tau=1.0)
+        >>> kl.shape
+        torch.Size([2, 3])
+        >>> round(kl.sum().item(), 4)
+        6.5637
+    """
+    _checks.check_student_teacher_logits(student, teacher)
+    if student.dtype != teacher.dtype:  # e.g. a bf16 student under autocast and an fp32 teacher
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
+    tau = _checks.check_positive(tau, "tau")
+    name = resolve_backend(backend, student.device)
+    batch, channels = student.shape[:2]
+    student_rows = student.reshape(batch * channels, -1)
+    teacher_rows = teacher.detach().reshape(batch * channels, -1)
+    kl, sqdist = ChannelKLFunction.apply(student_rows, teacher_rows, tau, return_sqdist, name)
+    kl = kl.view(batch, channels)
+    if return_sqdist:
+        return kl, sqdist.view(batch, channels)
+    return kl
