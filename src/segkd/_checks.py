@@ -25,6 +25,7 @@ __all__ = [
     "check_floating_tensor",
     "check_in_range",
     "check_labels",
+    "check_labels_shape",
     "check_min_dims",
     "check_non_negative",
     "check_nonempty",
@@ -34,6 +35,7 @@ __all__ = [
     "check_reduction",
     "check_same_device",
     "check_same_shape",
+    "check_same_shape_except",
     "check_student_teacher_logits",
     "finite_check_enabled",
     "shape_str",
@@ -79,6 +81,20 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str = "student", name_b: str 
     if a.shape != b.shape:
         raise ValueError(
             f"Expected `{name_a}` and `{name_b}` to have the same shape, "
+            f"got {shape_str(a.shape)} and {shape_str(b.shape)}."
+        )
+
+
+def check_same_shape_except(
+    a: Tensor, b: Tensor, dim: int, name_a: str = "student", name_b: str = "teacher", what: str = "channels"
+) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have the same shape in every dimension but ``dim``."""
+    differs = a.dim() != b.dim() or any(
+        i != dim and x != y for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True))
+    )
+    if differs:
+        raise ValueError(
+            f"Expected `{name_a}` and `{name_b}` to have the same shape except in dimension {dim} ({what}), "
             f"got {shape_str(a.shape)} and {shape_str(b.shape)}."
         )
 
@@ -197,6 +213,15 @@ def check_labels(labels: Any, name: str = "labels", batch_size: int | None = Non
             f"got shape {shape_str(labels.shape)}."
         )
     return labels
+
+
+def check_labels_shape(labels: Tensor, expected: Sequence[int], name: str = "labels", against: str = "logits") -> None:
+    """Raise ``ValueError`` unless ``labels`` has exactly the shape ``expected`` (e.g. ``(N, H, W)`` of the logits)."""
+    if tuple(labels.shape) != tuple(int(s) for s in expected):
+        raise ValueError(
+            f"Expected `{name}` to have shape {shape_str(expected)} to match the {against}, "
+            f"got {shape_str(labels.shape)}."
+        )
 
 
 def finite_check_enabled() -> bool:
