@@ -18,6 +18,7 @@ Reduction = Literal["mean", "sum", "none"]
 Distance = Literal["prob", "logits"]
 DISTANCES = ("prob", "logits")
 
+
 def _weight_dtype(device: torch.device) -> torch.dtype:
     # The weights are an (N, C) side computation: do it in fp64 where the device has it.
     return torch.float32 if device.type == "mps" else torch.float64

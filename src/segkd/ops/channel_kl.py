@@ -89,7 +89,7 @@ class ChannelKLFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: FunctionCtx, student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
     ) -> tuple[Tensor, Tensor]:
         kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
