@@ -18,12 +18,15 @@ from torch import Tensor
 
 __all__ = [
     "REDUCTIONS",
+    "check_channels",
     "check_choice",
     "check_exact_dims",
     "check_finite_if_enabled",
     "check_finite_number",
     "check_floating_tensor",
     "check_in_range",
+    "check_int",
+    "check_label_values",
     "check_labels",
     "check_labels_shape",
     "check_min_dims",
@@ -221,6 +224,37 @@ def check_labels_shape(labels: Tensor, expected: Sequence[int], name: str = "lab
         raise ValueError(
             f"Expected `{name}` to have shape {shape_str(expected)} to match the {against}, "
             f"got {shape_str(labels.shape)}."
+        )
+
+
+def check_int(value: Any, name: str) -> int:
+    """Return ``value`` unchanged, raising ``TypeError`` unless it is an ``int`` (any sign; ``bool`` is refused)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
+    return value
+
+
+def check_channels(value: Tensor, name: str, expected: int, setting: str) -> None:
+    """Raise ``ValueError`` unless dimension 1 of ``value`` has ``expected`` entries (the declared ``setting``)."""
+    if value.dim() < 2 or value.shape[1] != expected:
+        raise ValueError(
+            f"Expected `{name}` to have {expected} channels in dimension 1 ({setting}={expected}), "
+            f"got shape {shape_str(value.shape)}."
+        )
+
+
+def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
+    """Raise ``ValueError`` if ``labels`` holds a value outside ``[0, num_classes)`` other than ``ignore_index``.
+
+    Costs a few element-wise ops and one boolean read back to the host: on CUDA, one device
+    synchronisation per call (a graph break under ``torch.compile``).
+    """
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        values = torch.unique(labels[bad]).tolist()
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise ValueError(
+            f"Expected `{name}` to hold class ids in [0, {num_classes}) or ignore_index={ignore_index}, found {shown}."
         )
 
 
