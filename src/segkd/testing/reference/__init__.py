@@ -1,0 +1,26 @@
+"""Float64 formula implementations of segkd's losses, independent of the optimised code.
+
+Each function is written straight from its paper's formula in float64, without importing
+:mod:`segkd.ops` or :mod:`segkd.losses`, so that it can serve as a second opinion: segkd's own
+tests compare every loss against these, and users porting a method can do the same.
+They favour clarity over speed and memory; use them on small inputs.
+"""
+
+from segkd.testing.reference.channel_kl import channel_kl_reference, spatial_softmax_reference
+from segkd.testing.reference.cwd import cwd_loss_reference
+from segkd.testing.reference.hwd import (
+    hwd_curve_reference,
+    hwd_loss_reference,
+    hwd_weights_from_divergence_reference,
+    hwd_weights_reference,
+)
+
+__all__ = [
+    "channel_kl_reference",
+    "cwd_loss_reference",
+    "hwd_curve_reference",
+    "hwd_loss_reference",
+    "hwd_weights_from_divergence_reference",
+    "hwd_weights_reference",
+    "spatial_softmax_reference",
+]
