@@ -20,9 +20,11 @@ __all__ = [
     "REDUCTIONS",
     "check_channels",
     "check_choice",
+    "check_dim_size",
     "check_exact_dims",
     "check_finite_if_enabled",
     "check_finite_number",
+    "check_floating_dtype",
     "check_floating_tensor",
     "check_in_range",
     "check_int",
@@ -256,6 +258,22 @@ def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name
         raise ValueError(
             f"Expected `{name}` to hold class ids in [0, {num_classes}) or ignore_index={ignore_index}, found {shown}."
         )
+
+
+def check_dim_size(value: Tensor, name: str, dim: int, expected: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``value.shape[dim] == expected`` (``what`` names the dimension)."""
+    if value.shape[dim] != expected:
+        raise ValueError(
+            f"Expected `{name}` to have size {expected} in dimension {dim} ({what}), "
+            f"got shape {shape_str(value.shape)}."
+        )
+
+
+def check_floating_dtype(value: Any, name: str) -> torch.dtype:
+    """Return ``value`` unchanged, raising unless it is a floating-point ``torch.dtype``."""
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise TypeError(f"Expected `{name}` to be a floating-point torch.dtype, got {value!r}.")
+    return value
 
 
 def finite_check_enabled() -> bool:
