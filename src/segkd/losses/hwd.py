@@ -141,8 +141,8 @@ def hwd_weights(
         >>> from segkd.functional import hwd_weights
         >>> _ = torch.manual_seed(0)
         >>> student, teacher = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
-        >>> hwd_weights(student, teacher, tau=1.0)
-        tensor([[0.6018, 1.4123, 0.9859]])
+        >>> hwd_weights(student, teacher, tau=4.0, mu=1.0, beta=0.1)
+        tensor([[1.3492, 1.3621, 0.2887]])
         >>> hwd_weights(teacher, teacher)
         tensor([[1., 1., 1.]])
     """
@@ -218,7 +218,7 @@ def hwd_loss(
         >>> teacher = torch.randn(2, 4, 16, 16)
         >>> loss = hwd_loss(student, teacher, tau=4.0, mu=1.0, beta=0.1)
         >>> round(loss.item(), 4)
-        0.4869
+        1.0195
         >>> loss.backward()
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
@@ -258,7 +258,7 @@ class HWDLoss(nn.Module):
         >>> criterion = HWDLoss(tau=4.0, mu=1.0, beta=0.1)
         >>> student, teacher = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
         >>> round(criterion(student, teacher).item(), 4)
-        0.4869
+        1.0195
     """
 
     def __init__(
