@@ -32,6 +32,7 @@ __all__ = [
     "check_labels",
     "check_labels_shape",
     "check_min_dims",
+    "check_min_spatial_size",
     "check_non_negative",
     "check_nonempty",
     "check_positive",
@@ -78,6 +79,16 @@ def check_exact_dims(value: Tensor, name: str, dims: int, layout: str) -> None:
         raise ValueError(
             f"Expected `{name}` to have {dims} dimensions {layout}, "
             f"got {value.dim()} dimensions with shape {shape_str(value.shape)}."
+        )
+
+
+def check_min_spatial_size(value: Tensor, name: str, min_size: int, reason: str = "") -> None:
+    """Raise ``ValueError`` unless the last two dimensions of ``value`` are both at least ``min_size``."""
+    if value.shape[-2] < min_size or value.shape[-1] < min_size:
+        why = f" ({reason})" if reason else ""
+        raise ValueError(
+            f"Expected `{name}` to be at least {min_size} x {min_size} in its last two dimensions{why}, "
+            f"got shape {shape_str(value.shape)}."
         )
 
 
