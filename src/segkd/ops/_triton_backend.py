@@ -1,0 +1,161 @@
+"""Triton backend of :func:`segkd.ops.channel_kl`: the launchers of the kernels in ``_triton_kernels``.
+
+Same launcher contract as ``_torch_backend`` (the reference):
+
+* ``forward(student, teacher, tau, need_sqdist) -> (kl, sqdist | None, lse_s, lse_t)``, each ``(R,)``
+  in the compute dtype (fp32; fp64 for fp64 inputs, computed in fp64 inside the kernel);
+* ``backward(student, teacher, lse_s, lse_t, grad_kl, tau) -> grad_student`` ``(R, L)`` in the
+  student's dtype, ``grad_kl[r] / tau * (p_S - p_T)`` formed in the compute dtype and rounded once.
+
+CUDA tensors run the compiled kernels. CPU tensors run the same kernels under the Triton
+interpreter (slow; this is how CI tests the kernels). The interpreter is chosen when ``triton.jit``
+decorates, that is when Triton is first imported, so ``TRITON_INTERPRET=1`` must be in the
+environment before that (the test suite's ``conftest.py`` sets it on machines without CUDA);
+CPU tensors without it raise a ``RuntimeError`` that says so. Wrapping the compiled kernels in the
+interpreter afterwards does not work: Triton's own ``tl.max``/``tl.sum`` helpers stay compiled.
+Importing this module raises ``ImportError`` when Triton is missing, which the dispatcher reads as
+"Triton unavailable".
+
+Block sizes are module constants so tests can shrink them and cross chunk boundaries on tiny
+inputs: a row is read in chunks of at most ``FORWARD_MAX_BLOCK_L`` (forward) or
+``BACKWARD_MAX_BLOCK_L`` (backward) elements, and short rows are packed ``ROWS`` to a program
+(a power of two, at most ``MAX_ROWS_PER_PROGRAM``) so that a program handles about
+``TARGET_TILE_ELEMENTS`` elements per chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from segkd.ops import _triton_kernels
+from segkd.ops._torch_backend import compute_dtype
+
+__all__ = ["backward", "forward"]
+
+FORWARD_MAX_BLOCK_L = 2048
+BACKWARD_MAX_BLOCK_L = 2048
+TARGET_TILE_ELEMENTS = 2048
+MAX_ROWS_PER_PROGRAM = 64
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Allocate an output buffer (uninitialised; tests swap this for a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tile(row_length: int, num_rows: int, max_block: int) -> tuple[int, int]:
+    """``(ROWS, BLOCK_L)``: chunk length (a power of two) and rows per program."""
+    block_l = min(triton.next_power_of_2(row_length), max_block)
+    rows = max(1, min(TARGET_TILE_ELEMENTS // block_l, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(num_rows)))
+    return rows, block_l
+
+
+def _num_warps(tile_elements: int) -> int:
+    return 8 if tile_elements >= 4096 else 4
+
+
+def _is_interpreted(kernel: Any) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - depends on the installed Triton
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+def _kernel_for(kernel: Any, device: torch.device) -> Any:
+    """The kernel to launch for tensors on ``device``: compiled on CUDA, interpreted on CPU."""
+    if device.type == "cuda" or (device.type == "cpu" and _is_interpreted(kernel)):
+        return kernel
+    if device.type == "cpu":
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs under the Triton interpreter, which must be switched on "
+            "before Triton is first imported: set the environment variable TRITON_INTERPRET=1 when starting "
+            "Python, or use backend='torch' (or 'auto'), or move the tensors to a CUDA device."
+        )
+    raise RuntimeError(f"The Triton backend of channel_kl runs on CUDA (or, interpreted, CPU) tensors, got {device}.")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x`` with unit stride along each row (copied only when needed)."""
+    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
+
+
+def _acc(dtype: torch.dtype) -> Any:
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _device_guard(device: torch.device) -> Any:
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward(
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
+    student, teacher = _rows(student), _rows(teacher)
+    num_rows, row_length = student.shape
+    dtype = compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
+    kl = _new_output((num_rows,), dtype, student.device)
+    lse_s = _new_output((num_rows,), dtype, student.device)
+    lse_t = _new_output((num_rows,), dtype, student.device)
+    sqdist = _new_output((num_rows,), dtype, student.device) if need_sqdist else None
+    rows, block_l = _tile(row_length, num_rows, FORWARD_MAX_BLOCK_L)
+    kernel = _kernel_for(_triton_kernels.channel_kl_forward_kernel, student.device)
+    with _device_guard(student.device):
+        kernel[(triton.cdiv(num_rows, rows),)](
+            student,
+            teacher,
+            kl,
+            kl if sqdist is None else sqdist,  # never written when NEED_SQDIST is False
+            lse_s,
+            lse_t,
+            num_rows,
+            row_length,
+            student.stride(0),
+            teacher.stride(0),
+            1.0 / tau,
+            NEED_SQDIST=need_sqdist,
+            ROWS=rows,
+            BLOCK_L=block_l,
+            ACC=_acc(dtype),
+            num_warps=_num_warps(rows * block_l),
+        )
+    return kl, sqdist, lse_s, lse_t
+
+
+def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float) -> Tensor:
+    """Gradient of ``sum_r grad_kl[r] * KL_r`` with respect to the student rows."""
+    student, teacher = _rows(student), _rows(teacher)
+    num_rows, row_length = student.shape
+    grad_kl = grad_kl.contiguous()
+    grad = _new_output((num_rows, row_length), student.dtype, student.device)
+    rows, block_l = _tile(row_length, num_rows, BACKWARD_MAX_BLOCK_L)
+    num_col_blocks = triton.cdiv(row_length, block_l)
+    kernel = _kernel_for(_triton_kernels.channel_kl_backward_kernel, student.device)
+    with _device_guard(student.device):
+        kernel[(triton.cdiv(num_rows, rows) * num_col_blocks,)](
+            student,
+            teacher,
+            lse_s,
+            lse_t,
+            grad_kl,
+            grad,
+            num_rows,
+            row_length,
+            student.stride(0),
+            teacher.stride(0),
+            grad.stride(0),
+            1.0 / tau,
+            num_col_blocks,
+            ROWS=rows,
+            BLOCK_L=block_l,
+            ACC=_acc(lse_s.dtype),
+            num_warps=_num_warps(rows * block_l),
+        )
+    return grad
