@@ -26,6 +26,7 @@ __all__ = [
     "check_finite_number",
     "check_floating_dtype",
     "check_floating_tensor",
+    "check_generator",
     "check_in_range",
     "check_int",
     "check_label_values",
@@ -42,6 +43,7 @@ __all__ = [
     "check_same_device",
     "check_same_shape",
     "check_same_shape_except",
+    "check_shape_spec",
     "check_student_teacher_logits",
     "finite_check_enabled",
     "shape_str",
@@ -256,6 +258,13 @@ def check_channels(value: Tensor, name: str, expected: int, setting: str) -> Non
         )
 
 
+def check_generator(value: Any, name: str = "generator") -> torch.Generator | None:
+    """Return ``value`` unchanged, raising ``TypeError`` unless it is a ``torch.Generator`` or ``None``."""
+    if value is not None and not isinstance(value, torch.Generator):
+        raise TypeError(f"Expected `{name}` to be a torch.Generator or None, got {type(value).__name__}.")
+    return value
+
+
 def check_label_values(labels: Tensor, num_classes: int, ignore_index: int, name: str = "labels") -> None:
     """Raise ``ValueError`` if ``labels`` holds a value outside ``[0, num_classes)`` other than ``ignore_index``.
 
@@ -285,6 +294,15 @@ def check_floating_dtype(value: Any, name: str) -> torch.dtype:
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise TypeError(f"Expected `{name}` to be a floating-point torch.dtype, got {value!r}.")
     return value
+
+
+def check_shape_spec(value: Any, name: str, min_dims: int = 1) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of ints, raising unless it is a sequence of at least ``min_dims`` ints >= 1."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Size)):
+        raise TypeError(f"Expected `{name}` to be a sequence of ints like (2, 19, 8, 8), got {type(value).__name__}.")
+    if len(value) < min_dims or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in value):
+        raise ValueError(f"Expected `{name}` to hold at least {min_dims} ints >= 1, got {tuple(value)!r}.")
+    return tuple(int(s) for s in value)
 
 
 def finite_check_enabled() -> bool:
