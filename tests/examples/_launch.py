@@ -1,0 +1,38 @@
+"""Run examples/train_ddp.py in a test subprocess (plain python or torchrun), with contract stubs when needed.
+
+Fault injection for the tests only: ``SEGKD_TEST_FAIL_RANK=R`` and ``SEGKD_TEST_FAIL_ITER=K`` make rank ``R``
+raise ``RuntimeError`` in its training step at iteration ``K`` (0-based).
+"""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(HERE))
+
+import _stub_contract  # noqa: E402
+
+_stub_contract.install_if_missing()
+
+if "SEGKD_TEST_FAIL_RANK" in os.environ:
+    from segkd_examples import engine
+
+    fail_rank = int(os.environ["SEGKD_TEST_FAIL_RANK"])
+    fail_iter = int(os.environ.get("SEGKD_TEST_FAIL_ITER", "0"))
+    original = engine.DistillationStep.forward
+    calls = {"n": 0}
+
+    def failing_forward(self, images, labels, teacher_out):
+        if int(os.environ.get("RANK", "0")) == fail_rank and calls["n"] >= fail_iter:
+            raise RuntimeError(f"injected failure on rank {fail_rank} at step {calls['n']}")
+        calls["n"] += 1
+        return original(self, images, labels, teacher_out)
+
+    engine.DistillationStep.forward = failing_forward
+
+sys.argv = [str(ROOT / "examples" / "train_ddp.py"), *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
