@@ -50,7 +50,9 @@ def forward(
         lse_t_block = torch.logsumexp(t, dim=1)
         p_t = (t - lse_t_block[:, None]).exp_()
         # KL = sum_i p_T,i (log p_T,i - log p_S,i) = sum_i p_T,i (t_i - s_i) - (lse_T - lse_S), as sum_i p_T,i = 1.
-        kl[rows] = (p_t * (t - s)).sum(dim=1) - (lse_t_block - lse_s_block)
+        # For near-equal rows the two terms cancel and rounding (~1e-7 * lse) can leave a tiny negative
+        # number; KL >= 0, so clamp it.
+        kl[rows] = ((p_t * (t - s)).sum(dim=1) - (lse_t_block - lse_s_block)).clamp_min_(0)
         lse_s[rows] = lse_s_block
         lse_t[rows] = lse_t_block
         if sqdist is not None:
