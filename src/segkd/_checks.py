@@ -27,7 +27,6 @@ __all__ = [
     "check_floating_dtype",
     "check_floating_tensor",
     "check_generator",
-    "check_generator",
     "check_in_range",
     "check_int",
     "check_label_values",
@@ -257,13 +256,6 @@ def check_channels(value: Tensor, name: str, expected: int, setting: str) -> Non
             f"Expected `{name}` to have {expected} channels in dimension 1 ({setting}={expected}), "
             f"got shape {shape_str(value.shape)}."
         )
-
-
-def check_generator(value: Any, name: str = "generator") -> torch.Generator | None:
-    """Return ``value`` unchanged, raising ``TypeError`` unless it is a ``torch.Generator`` or ``None``."""
-    if value is not None and not isinstance(value, torch.Generator):
-        raise TypeError(f"Expected `{name}` to be a torch.Generator or None, got {type(value).__name__}.")
-    return value
 
 
 def check_generator(value: Any, name: str = "generator") -> torch.Generator | None:
