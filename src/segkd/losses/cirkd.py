@@ -470,7 +470,9 @@ class CIRKDMemoryLoss(nn.Module):
             ValueError: a label outside ``[0, K)`` other than ``ignore_index``.
         """
         _checks.check_label_values(labels, self.num_classes, self.ignore_index)
-        features = concat_all_gather(F.normalize(teacher.detach().float(), p=2, dim=1))
+        features = concat_all_gather(
+            F.normalize(teacher.detach().to(_compute_dtype(teacher, self.pixel_queue)), p=2, dim=1)
+        )
         labels = concat_all_gather(labels)
         enqueue_regions(self.region_queue, self.region_queue_ptr, features, labels, self.ignore_index)
         enqueue_pixels(
