@@ -155,6 +155,14 @@ def test_zero_feature_vectors_are_finite():
     torch.testing.assert_close(loss.detach(), _loop_loss(student.detach(), teacher, labels, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_other_label_dtypes(dtype):
+    student, teacher, labels = _inputs(14)
+    expected = ifvd_loss(student, teacher, labels, 4)
+    torch.testing.assert_close(ifvd_loss(student, teacher, labels.to(dtype), 4), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ifvd_loss(student, teacher, labels.to(dtype), 300), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("ignore_index", [-1, 0])
 def test_other_ignore_index(ignore_index):
     student, teacher, labels = _inputs(10, ignore=ignore_index)

@@ -188,7 +188,7 @@ def ifvd_loss(
     _checks.check_finite_if_enabled(teacher, "teacher")
 
     batch, _, height, width = student.shape
-    small = nearest_labels(labels, (height, width))
+    small = nearest_labels(labels, (height, width)).long()  # small; int64 compares safely with any id
     _checks.check_label_values(small, num_classes, ignore_index)
     valid = (small != ignore_index).flatten(1)
     # Ignored pixels go to an extra slot K, so they never touch a real class centre.
