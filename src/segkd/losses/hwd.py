@@ -48,7 +48,11 @@ def hwd_curve(x: Tensor, beta: float) -> Tensor:
         return x.clone()
     log_beta = math.log(beta)
     limit = 700.0 if x.dtype == torch.float64 else 80.0
-    return torch.expm1((x * log_beta).clamp(-limit, limit)) / math.expm1(log_beta)
+    g = torch.expm1((x * log_beta).clamp(-limit, limit)) / math.expm1(log_beta)
+    # With beta within ~1e-10 of 1 and a huge |x|, the division can still overflow; +-inf would
+    # make the softmax of the weights NaN, so saturate at the largest finite value instead.
+    largest = torch.finfo(g.dtype).max
+    return g.clamp_(-largest, largest)
 
 
 def hwd_weights_from_divergence(divergence: Tensor, mu: float = 0.0, beta: float = 0.1) -> Tensor:
