@@ -365,7 +365,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         discriminator.to(device)
 
     step_module: nn.Module = DistillationStep(student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index)
-    trainable = [p for p in step_module.parameters() if p.requires_grad]
+    disc_ids = {id(t) for t in (*discriminator.parameters(), *discriminator.buffers())} if discriminator else set()
+    trainable = [p for p in step_module.parameters() if p.requires_grad and id(p) not in disc_ids]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolyDecay(cfg.max_iters, cfg.poly_power))
     disc_optimizer = distiller.discriminator_optimizer() if discriminator is not None else None  # type: ignore[attr-defined]
@@ -373,6 +374,11 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     autocast = autocast_factory(cfg.amp, device)
 
     if dist.distributed:
+        if disc_ids:  # the discriminator is trained by its own optimiser, gradients all-reduced by hand
+            ignored = [
+                n for n, t in (*step_module.named_parameters(), *step_module.named_buffers()) if id(t) in disc_ids
+            ]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step_module, ignored)
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -392,8 +398,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        if discriminator is not None and disc_optimizer is not None:
-            ckpt.load_state_dict_strict(discriminator, state["discriminator"], path=resume_path, what="resume")
+        if disc_optimizer is not None:  # the discriminator's weights are part of the distiller's state
             disc_optimizer.load_state_dict(state["disc_optimizer"])
         start_iter = int(state["iteration"])
         best_miou, best_iter = float(state["best_miou"]), int(state["best_iter"])
@@ -457,7 +462,6 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             "num_classes": num_classes,
             "model": student.state_dict(),
             "distiller": distiller.state_dict(),
-            "discriminator": discriminator.state_dict() if discriminator is not None else None,
             "optimizer": optimizer.state_dict(),
             "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
             "scheduler": scheduler.state_dict(),
