@@ -105,7 +105,7 @@ def test_temperatures(tau: float) -> None:
     ],
     ids=["transpose", "strided-slice", "channels-last", "permute", "expand"],
 )
-def test_non_contiguous_inputs(make_view) -> None:  # type: ignore[no-untyped-def]
+def test_non_contiguous_inputs(make_view) -> None:
     base_s, base_t = _pair((2, 6, 7, 9), torch.float32)
     base_s.requires_grad_()
     student, teacher = make_view(base_s), make_view(base_t)
@@ -257,7 +257,7 @@ def test_row_blocks_cover_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
     # (L=33). Fresh allocations are poisoned with NaN, so a row the loop skips would show up.
     original_empty = torch.empty
 
-    def poisoned_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def poisoned_empty(*args, **kwargs):
         out = original_empty(*args, **kwargs)
         return out.fill_(float("nan")) if out.is_floating_point() else out
 
@@ -318,11 +318,11 @@ class _FakeTritonLauncher(types.ModuleType):
         super().__init__("fake_triton_backend")
         self.calls = 0
 
-    def forward(self, student, teacher, tau, need_sqdist):  # type: ignore[no-untyped-def]
+    def forward(self, student, teacher, tau, need_sqdist):
         self.calls += 1
         return _torch_backend.forward(student, teacher, tau, need_sqdist)
 
-    def backward(self, student, teacher, lse_s, lse_t, grad_kl, tau):  # type: ignore[no-untyped-def]
+    def backward(self, student, teacher, lse_s, lse_t, grad_kl, tau):
         self.calls += 1
         return _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
 
@@ -372,4 +372,4 @@ def test_triton_backend_unavailable_errors_clearly(monkeypatch: pytest.MonkeyPat
 def test_unknown_backend_is_rejected() -> None:
     student, teacher = _pair((1, 2, 3), torch.float32)
     with pytest.raises(ValueError, match=r"Expected `backend` to be one of 'auto', 'torch', 'triton', got 'cuda'"):
-        channel_kl(student, teacher, 1.0, backend="cuda")  # type: ignore[arg-type]
+        channel_kl(student, teacher, 1.0, backend="cuda")
