@@ -118,6 +118,19 @@ def test_minibatch_teacher_gets_no_gradient_and_module_equals_function():
     assert "tau=0.3" in repr(module)
 
 
+def test_similarities_stay_in_float32_under_autocast():
+    student, teacher = _randn(2, 4, 3, 3, seed=17).float(), _randn(2, 6, 3, 3, seed=18).float()
+    labels = torch.randint(0, 3, (2, 3, 3), generator=torch.Generator().manual_seed(19))
+    pixels, regions = _entries(5, 6, 20).float(), _entries(3, 6, 21).float()
+    embed = _randn(2, 6, 3, 3, seed=22).float()
+    want = (cirkd_minibatch_loss(student, teacher), *cirkd_memory_kl(embed, teacher, labels, pixels, regions))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (cirkd_minibatch_loss(student, teacher), *cirkd_memory_kl(embed, teacher, labels, pixels, regions))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w)
+
+
 @given(seed=st.integers(0, 2**16), batch=st.integers(1, 3), side=st.integers(1, 4))
 def test_minibatch_is_non_negative_and_symmetric_in_pairs(seed, batch, side):
     student, teacher = _randn(batch, 2, side, side, seed=seed), _randn(batch, 3, side, side, seed=seed + 1)
