@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from segkd.losses.dist import DISTLoss, dist_loss, pearson_correlation
 from segkd.testing import strategies as sks
+from segkd.testing.checks import check_distillation_loss
 from segkd.testing.reference.dist import dist_loss_reference, pearson_correlation_reference
 
 
@@ -240,3 +241,18 @@ def test_properties(pair, tau, beta, gamma):
     shift = torch.randn(student.shape[0], 1, *student.shape[2:], dtype=torch.float64)
     shifted = dist_loss(student + shift, teacher, beta=beta, gamma=gamma, tau=tau)
     assert shifted.item() == pytest.approx(loss.item(), abs=1e-7)
+
+
+def test_battery():
+    # At student == teacher the loss is eps / (centred norm)^2-small, not exactly 0: atol 1e-5.
+    report = check_distillation_loss(
+        DISTLoss(beta=1.0, gamma=2.0, tau=2.0),
+        (2, 4, 3, 3),
+        zero_at_equal=True,
+        pixel_shift_invariant=True,
+        reference=lambda s, t: dist_loss_reference(s, t, 1.0, 2.0, 2.0),
+        atol=1e-5,
+    )
+    assert {"gradcheck", "zero_at_equal", "pixel_shift_invariant", "reference", "reference_gradient"} <= set(
+        report.passed
+    )

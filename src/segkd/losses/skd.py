@@ -606,6 +606,7 @@ class SKDLoss(nn.Module):
         """Return the student's weighted SKD loss and the unweighted, detached terms."""
         _checks.check_student_teacher_logits(student_logits, teacher_logits, min_dims=4)
         _checks.check_exact_dims(student_logits, "student_logits", 4, "(N, C, H, W)")
+        _checks.check_channels(student_logits, "student_logits", self.discriminator.num_classes, "num_classes")
         dtype = _compute_dtype(student_logits)
         zero = student_logits.new_zeros((), dtype=dtype)
         pairwise = pixel = adversarial = zero
@@ -626,6 +627,8 @@ class SKDLoss(nn.Module):
         student or the teacher. With ``discriminator_weight == 0`` it is a zero tensor.
         """
         _checks.check_student_teacher_logits(student_logits, teacher_logits, min_dims=4)
+        _checks.check_exact_dims(student_logits, "student_logits", 4, "(N, C, H, W)")
+        _checks.check_channels(student_logits, "student_logits", self.discriminator.num_classes, "num_classes")
         if self.discriminator_weight == 0:
             return student_logits.new_zeros((), dtype=_compute_dtype(student_logits))
         real = self.discriminator(teacher_logits.detach())
