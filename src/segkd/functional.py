@@ -2,6 +2,17 @@
 
 from segkd.losses.cwd import cwd_loss
 from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
+from segkd.losses.ifvd import ifvd_loss
+from segkd.losses.mgd import mgd_loss, mgd_mask
 from segkd.ops.channel_kl import channel_kl
 
-__all__ = ["channel_kl", "cwd_loss", "hwd_loss", "hwd_weights", "hwd_weights_from_divergence"]
+__all__ = [
+    "channel_kl",
+    "cwd_loss",
+    "hwd_loss",
+    "hwd_weights",
+    "hwd_weights_from_divergence",
+    "ifvd_loss",
+    "mgd_loss",
+    "mgd_mask",
+]

@@ -14,6 +14,8 @@ from segkd.testing.reference.hwd import (
     hwd_weights_from_divergence_reference,
     hwd_weights_reference,
 )
+from segkd.testing.reference.ifvd import ifvd_loss_reference, ifvd_similarity_reference
+from segkd.testing.reference.mgd import conv2d_reference, mgd_loss_reference
 
 __all__ = [
     "channel_kl_reference",
@@ -23,4 +25,8 @@ __all__ = [
     "hwd_weights_from_divergence_reference",
     "hwd_weights_reference",
     "spatial_softmax_reference",
+    "conv2d_reference",
+    "ifvd_loss_reference",
+    "ifvd_similarity_reference",
+    "mgd_loss_reference",
 ]
