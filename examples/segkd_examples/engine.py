@@ -578,6 +578,8 @@ def _discriminator_step(
     student_out, teacher_out = cache
     with autocast():
         loss = distiller.discriminator_loss(student_out, teacher_out)
+    if not loss.requires_grad:  # discriminator weight 0: nothing to train
+        return {}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if dist.distributed:
