@@ -28,6 +28,7 @@ from segkd.losses._cirkd_memory import (
     sample_queue,
 )
 from segkd.losses._reduction import reduce_terms
+from segkd.losses.skd import pixel_kd_loss
 
 __all__ = [
     "CIRKDLoss",
@@ -540,15 +541,6 @@ class CIRKDMemoryLoss(nn.Module):
         )
 
 
-def _pixel_kd(student_logits: Tensor, teacher_logits: Tensor, tau: float) -> Tensor:
-    """``tau^2 * KL(softmax(t / tau) || softmax(s / tau))`` over classes, averaged over the ``N H W`` pixels."""
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student = student_logits.to(dtype).movedim(1, -1) / tau
-    teacher = teacher_logits.detach().to(dtype).movedim(1, -1) / tau
-    with _full_precision(student):
-        return _kl_to_teacher(student, _teacher_distribution(teacher)).mean() * (tau * tau)
-
-
 class CIRKDLoss(nn.Module):
     r"""The full CIRKD distillation objective: pixel KD + mini-batch + memory pixel and region terms.
 
@@ -557,8 +549,9 @@ class CIRKDLoss(nn.Module):
         L = w_{kd}\, L_{kd} + w_{mb}\, L_{\text{mb}} + w_{p}\, L_{\text{p2p}} + w_{r}\, L_{\text{p2r}},
 
     with :math:`L_{kd} = \tau^2 \frac{1}{NHW}\sum \mathrm{KL}(\mathrm{softmax}(t/\tau) \| \mathrm{softmax}(s/\tau))`
-    per pixel over classes (on logits), :math:`L_{\text{mb}}` from :func:`cirkd_minibatch_loss` (raw
-    features) and :math:`L_{\text{p2p}}, L_{\text{p2r}}` from :class:`CIRKDMemoryLoss` (projected
+    per pixel over classes on logits, over every pixel as the original
+    (:func:`segkd.losses.skd.pixel_kd_loss`), :math:`L_{\text{mb}}` from :func:`cirkd_minibatch_loss`
+    (raw features) and :math:`L_{\text{p2p}}, L_{\text{p2r}}` from :class:`CIRKDMemoryLoss` (projected
     student features against the teacher queues). The task loss (cross-entropy) is not included.
 
     Reference: C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational
@@ -679,7 +672,7 @@ class CIRKDLoss(nn.Module):
         zero = student_feat.new_zeros((), dtype=_compute_dtype(student_feat, teacher_feat))
         terms = {"kd": zero, "minibatch": zero, "memory_pixel": zero, "memory_region": zero}
         if self.kd_weight > 0:
-            terms["kd"] = self.kd_weight * _pixel_kd(student_logits, teacher_logits, self.kd_tau)
+            terms["kd"] = self.kd_weight * pixel_kd_loss(student_logits, teacher_logits, self.kd_tau)
         if self.minibatch_weight > 0:
             terms["minibatch"] = self.minibatch_weight * self.minibatch(student_feat, teacher_feat)
         if self.memory_pixel_weight > 0 or self.memory_region_weight > 0:
