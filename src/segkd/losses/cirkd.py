@@ -333,7 +333,16 @@ class CIRKDMemoryLoss(nn.Module):
     (pointers wrap around). It then samples ``pixel_contrast_size // num_classes + 1`` slots per
     class from the pixel queue and ``region_contrast_size // num_classes + 1`` from the region
     queue (the same slots for every class, capped at the queue length) and returns
-    :func:`cirkd_memory_kl` of the projected student against them.
+    :func:`cirkd_memory_kl` of the projected student against them: with ``g`` the projection head,
+    :math:`E_p` / :math:`E_r` the sampled entries and :math:`V` anchor pixels,
+
+    .. math::
+
+        L_{\text{p2p}} = \frac{\tau_k^2}{V} \sum_{v=1}^{V}
+            \mathrm{KL}\left(\mathrm{softmax}\left(\frac{E_p \hat t_v}{\tau_c \tau_k}\right) \,\Big\|\,
+            \mathrm{softmax}\left(\frac{E_p \widehat{g(s)}_v}{\tau_c \tau_k}\right)\right),
+
+    and :math:`L_{\text{p2r}}` the same with :math:`E_r` (hats: L2-normalised along channels).
 
     Reference: C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational
     Knowledge Distillation for Semantic Segmentation", CVPR 2022. The paper's weights are 0.1 for
@@ -360,8 +369,8 @@ class CIRKDMemoryLoss(nn.Module):
 
     Deviations from the original, all documented: pixels enqueued for a class are drawn among that
     class's pixels (the original indexes the whole image with a permutation of the class's pixel
-    count); no anchors gives zero instead of NaN; in eval mode nothing is enqueued; labels outside
-    ``[0, K)`` other than ``ignore_index`` raise ``ValueError``.
+    count); no anchors gives zero instead of NaN; in eval mode nothing is enqueued; when
+    enqueueing, labels outside ``[0, K)`` other than ``ignore_index`` raise ``ValueError``.
 
     Args:
         num_classes: ``K``, number of classes.
@@ -383,6 +392,14 @@ class CIRKDMemoryLoss(nn.Module):
     Shape:
         - student: ``(N, C_s, h, w)``; teacher: ``(N, D, h, w)``; labels: ``(N, H, W)``, integer.
         - output: two scalars ``(pixel_to_pixel, pixel_to_region)``.
+
+    Raises:
+        TypeError: non-int sizes, non-numeric temperatures, a ``queue_dtype`` that is not a floating
+            dtype, a ``generator`` that is not a ``torch.Generator``; in ``forward``, as
+            :func:`cirkd_memory_kl`.
+        ValueError: sizes < 1, temperatures <= 0; in ``forward``, channel counts other than
+            ``student_channels`` / ``teacher_channels``, mismatched ``N, h, w``, labels of another
+            batch size and, in training mode, labels outside ``[0, K)`` other than ``ignore_index``.
 
     Example:
         >>> import torch
@@ -593,6 +610,11 @@ class CIRKDLoss(nn.Module):
         - output: ``(total, terms)``: a scalar and a dict with keys ``"kd"``, ``"minibatch"``,
           ``"memory_pixel"`` and ``"memory_region"``, each already multiplied by its weight
           (so ``total`` is their sum; a term whose weight is 0 is skipped and reported as 0).
+
+    Raises:
+        TypeError: as the three terms.
+        ValueError: negative weights, logits of different shapes or not 4-D, features whose batch
+            size differs from the logits', and the errors of the three terms.
 
     Example:
         >>> import torch
