@@ -32,9 +32,11 @@ __all__ = ["PROPERTIES", "CheckReport", "LossCheckError", "check_distillation_lo
 
 #: Every property :func:`check_distillation_loss` can check, in the order it checks them.
 PROPERTIES = (
+    "output",
+    "inputs_unchanged",
+    "deterministic",
     "gradcheck",
     "finite",
-    "inputs_unchanged",
     "teacher_grad",
     "teacher_graph",
     "zero_at_equal",
@@ -43,7 +45,6 @@ PROPERTIES = (
     "reference",
     "reference_gradient",
     "state_dict",
-    "deterministic",
 )
 
 LossFn = Callable[..., Any]
@@ -218,9 +219,8 @@ class _Battery:
         outputs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         if not outputs or not all(isinstance(o, Tensor) and o.is_floating_point() for o in outputs):
             kinds = ", ".join(type(o).__name__ if not isinstance(o, Tensor) else str(o.dtype) for o in outputs)
-            raise self.fail(
-                prop, "output", f"expected a floating-point tensor or a tuple of them, got ({kinds})", math.nan
-            )
+            detail = f"expected a floating-point tensor or a tuple of them, got ({kinds})"
+            raise self.fail("output", f"while checking {prop}", detail, math.nan)
         return outputs
 
     def evaluate(
@@ -336,28 +336,32 @@ class _Battery:
                 bad = int((~torch.isfinite(grad)).sum())
                 raise self.fail(prop, case, f"{name} has {bad} NaN/Inf values", math.inf)
 
+    def check_inputs_unchanged(self) -> None:
+        prop, case = "inputs_unchanged", f"one call, {self.dtype}"
+        base = self.cast(self.dtype)
+        student, teacher, labels = self.inputs(self.dtype, offset=5)
+        student.requires_grad_(True)
+        named = [("student", student), ("teacher", teacher)] + ([("labels", labels)] if labels is not None else [])
+        before = [x.detach().clone() for _, x in named]
+        with self.raised(prop, case):
+            self.evaluate(base, student, teacher, labels, prop)
+        changed = [
+            (name, _max_abs(now.detach().to(torch.float64) - was.to(torch.float64)))
+            for (name, now), was in zip(named, before, strict=True)
+            if not torch.equal(now.detach(), was)
+        ]
+        if changed:
+            names = " and ".join(name for name, _ in changed)
+            raise self.fail(prop, case, f"the loss modified {names} in place", max(d for _, d in changed))
+
     def check_teacher(self) -> None:
         case = f"teacher with requires_grad=True, {self.dtype}"
         base = self.cast(self.dtype)
         student, teacher, labels = self.inputs(self.dtype, offset=30)
         student.requires_grad_(True)
         teacher.requires_grad_(True)
-        before = (student.detach().clone(), teacher.detach().clone())
         with self.raised("teacher_grad", case):
             outputs = self.evaluate(base, student, teacher, labels, "teacher_grad")
-        changed = [
-            (name, _max_abs(now.detach() - was))
-            for name, now, was in (("student", student, before[0]), ("teacher", teacher, before[1]))
-            if not torch.equal(now.detach(), was)
-        ]
-        if changed:
-            names = " and ".join(name for name, _ in changed)
-            raise self.fail(
-                "inputs_unchanged",
-                case,
-                f"the loss modified {names} in place",
-                max(diff for _, diff in changed),
-            )
         reaches = _graph_reaches(outputs, teacher)
         total = self.scalar(outputs, self.projections(outputs, offset=31))
         if total is not None:
@@ -503,6 +507,7 @@ class _Battery:
                         p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype))
         with self.raised(prop, case + " (load_state_dict raised)"):
             untouched.load_state_dict(used.state_dict())
+        _copy_generator_states(used, untouched)  # random state is not module state: a trainer saves it apart
         with self.raised(prop, case):
             for k in range(2):  # two calls in a row: state changed by the first must match too
                 student, teacher, labels = self.inputs(torch.float64, offset=73 + k)
@@ -542,6 +547,15 @@ def _graph_reaches(outputs: Sequence[Tensor], target: Tensor) -> bool:
             return True
         stack.extend(child for child, _ in node.next_functions)
     return False
+
+
+def _copy_generator_states(source: nn.Module, target: nn.Module) -> None:
+    """Give every ``torch.Generator`` attribute of ``target`` the state of the same one in ``source``."""
+    for (_, src), (_, dst) in zip(source.named_modules(), target.named_modules(), strict=True):
+        for key, value in vars(src).items():
+            other = vars(dst).get(key)
+            if isinstance(value, torch.Generator) and isinstance(other, torch.Generator):
+                other.set_state(value.get_state())
 
 
 def _unregistered_tensors(module: nn.Module) -> list[str]:
@@ -588,6 +602,10 @@ def check_distillation_loss(
     return a floating tensor (any shape: ``reduction="none"`` is fine) or a tuple of them. The
     properties, in order (``LossCheckError.property_name`` names the one that failed):
 
+    * ``output``: the loss returns a floating tensor or a tuple of them (on every call).
+    * ``inputs_unchanged``: the loss does not modify ``student``, ``teacher`` or ``labels`` in place.
+    * ``deterministic``: two calls after ``torch.manual_seed(seed)``, on fresh copies, give the
+      same loss and student gradient (checked early: without it the other checks mean little).
     * ``gradcheck``: :func:`torch.autograd.gradcheck` of the student path in float64 (a module is
       deep-copied and cast to float64; its parameters stay fixed). Each evaluation seeds the RNG
       and uses a fresh copy, so random masks and internal state are the same every time.
@@ -597,7 +615,6 @@ def check_distillation_loss(
     * ``finite``: finite outputs, student gradients and parameter gradients, in ``dtype``, for
       random inputs of each scale in ``scales`` (large and tiny logits), for ``student == teacher``
       (same shapes only), for all-zero inputs, and with every label ignored (with labels).
-    * ``inputs_unchanged``: the loss does not modify ``student`` or ``teacher`` in place.
     * ``teacher_grad``: with ``teacher.requires_grad=True``, after backward ``teacher.grad`` is
       ``None`` or zero.
     * ``teacher_graph``: the loss's autograd graph does not reach the teacher at all (it is
@@ -614,8 +631,8 @@ def check_distillation_loss(
     * ``state_dict`` (modules): no tensor attribute escapes registration as a parameter or
       buffer; and a copy of the module taken before use, loaded with the ``state_dict()`` of a
       used copy (two forward passes, perturbed parameters), gives the same loss twice in a row.
-    * ``deterministic``: two calls after ``torch.manual_seed(seed)``, on fresh copies, give the
-      same loss and student gradient.
+      The state of ``torch.Generator`` attributes is copied across too: random state is not part
+      of ``state_dict()``, a trainer checkpoints it separately.
 
     Losses that stop the gradient through part of their value on purpose, such as HWD's detached
     channel weights, have an autograd gradient that is not the derivative of their value, so
@@ -674,7 +691,7 @@ def check_distillation_loss(
         ...     reference=lambda s, t: cwd_loss_reference(s, t, tau=4.0),
         ... )
         >>> len(report.passed), dict(report.skipped)
-        (11, {'pixel_shift_invariant': 'not declared'})
+        (12, {'pixel_shift_invariant': 'not declared'})
     """
     if not callable(loss):
         raise TypeError(f"Expected `loss` to be callable (a function or an nn.Module), got {type(loss).__name__}.")
@@ -725,6 +742,9 @@ def check_distillation_loss(
     passed: list[str] = []
     skipped: dict[str, str] = {}
     with _restored_rng(device):
+        battery.check_inputs_unchanged()
+        battery.check_deterministic()
+        passed += ["output", "inputs_unchanged", "deterministic"]
         if exact_gradient:
             battery.check_gradcheck()
             passed.append("gradcheck")
@@ -733,7 +753,7 @@ def check_distillation_loss(
         battery.check_finite(same_shape=teacher_dims == student_dims)
         passed.append("finite")
         battery.check_teacher()
-        passed += ["inputs_unchanged", "teacher_grad", "teacher_graph"]
+        passed += ["teacher_grad", "teacher_graph"]
         if zero_at_equal:
             battery.check_zero_at_equal()
             passed.append("zero_at_equal")
@@ -759,6 +779,4 @@ def check_distillation_loss(
             passed.append("state_dict")
         else:
             skipped["state_dict"] = "not an nn.Module"
-        battery.check_deterministic()
-        passed.append("deterministic")
     return CheckReport(tuple(passed), skipped, student_dims, teacher_dims, labels_dims)
