@@ -18,6 +18,7 @@ from segkd.losses.cirkd import (
     cirkd_memory_kl,
     cirkd_minibatch_loss,
 )
+from segkd.testing import strategies as sks
 from segkd.testing.reference.cirkd import (
     cirkd_memory_kl_reference,
     cirkd_minibatch_loss_reference,
@@ -140,6 +141,23 @@ def test_minibatch_is_non_negative_and_symmetric_in_pairs(seed, batch, side):
     perm = torch.arange(batch).flip(0)
     swapped = cirkd_minibatch_loss(student[perm], teacher[perm], reduction="none")
     torch.testing.assert_close(swapped, terms[perm][:, perm])
+
+
+@given(
+    pair=sks.feature_map_pairs(
+        sks.segmentation_shapes(max_batch=3, max_channels=5, max_side=4),
+        teacher_channels=st.integers(1, 5),
+        magnitude=st.sampled_from([0.1, 1.0, 30.0]),
+        dtype=torch.float64,
+    ),
+    tau=st.sampled_from([0.05, 0.1, 1.0]),
+    pool=st.sampled_from([None, 2, 3]),
+)
+def test_minibatch_matches_reference_on_generated_features(pair, tau, pool):
+    student, teacher = pair
+    got = cirkd_minibatch_loss(student, teacher, tau=tau, pool=pool, reduction="none")
+    want = cirkd_minibatch_loss_reference(student, teacher, tau=tau, pool=pool, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize(
