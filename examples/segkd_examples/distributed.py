@@ -166,8 +166,9 @@ def cleanup(*, timeout_s: float = 10.0) -> None:
 def run_guarded(fn: Callable[[], T], *, teardown_timeout_s: float = 10.0) -> T:
     """Run ``fn``; on any exception log it with this rank's number, tear the group down and re-raise.
 
-    The message goes to stderr as ``[rank R/W] ExceptionType: message`` followed by the traceback, so
-    the job's log names the rank that failed, whichever launcher collected the output.
+    The message goes to stderr as ``[rank R/W] FAILED: ExceptionType: message`` (after the traceback, each
+    line tagged with the rank, when there are several processes), so the job's log names the rank that
+    failed, whichever launcher collected the output.
     """
     try:
         result = fn()
@@ -175,8 +176,10 @@ def run_guarded(fn: Callable[[], T], *, teardown_timeout_s: float = 10.0) -> T:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-        lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        sys.stderr.write("".join(f"[rank {rank}/{world}] {line}" for chunk in lines for line in chunk.splitlines(True)))
+        if world > 1:  # interleaved logs: tag every line of this rank's traceback
+            lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+            tagged = (f"[rank {rank}/{world}] {line}" for chunk in lines for line in chunk.splitlines(True))
+            sys.stderr.write("".join(tagged))
         sys.stderr.write(f"[rank {rank}/{world}] FAILED: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
         if _initialized():

@@ -38,7 +38,10 @@ __all__ = [
     "PolyDecay",
     "ShardedEpochSampler",
     "TrainResult",
+    "autocast_factory",
+    "build_datasets",
     "build_student_and_teacher",
+    "build_val_loader",
     "load_model_weights",
     "seed_everything",
     "train",
@@ -213,7 +216,8 @@ def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Mo
 # --------------------------------------------------------------------------------------------------- data
 
 
-def _build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """The dataset info, training set and validation set of ``cfg`` (roots checked at start-up)."""
     from segkd_examples.data import build_dataset, check_dataset_root, dataset_info
 
     info = dataset_info(cfg.dataset)
@@ -284,7 +288,8 @@ class _TrainStream:
             epoch, skip = epoch + 1, 0
 
 
-def _val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
+def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
+    """Batch-1 loader over this rank's share of the validation images (no padding, no duplicates)."""
     indices = list(range(len(val_set)))
     if cfg.max_eval_images is not None:
         indices = indices[: cfg.max_eval_images]
@@ -343,7 +348,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     seed_everything(cfg.seed + dist.rank)
     device = dist.device
 
-    info, train_set, val_set = _build_datasets(cfg)
+    info, train_set, val_set = build_datasets(cfg)
     num_classes = int(info.num_classes)
     ignore_index = int(getattr(info, "ignore_index", 255))
     class_names = list(getattr(info, "class_names", [str(i) for i in range(num_classes)]))
@@ -427,7 +432,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     )
     progress = Progress(cfg.max_iters, start_iter, enabled=dist.is_main and cfg.progress)
     stream = _TrainStream(train_set, cfg, dist, per_rank_batch)
-    val_loader = _val_loader(val_set, cfg, dist)
+    val_loader = build_val_loader(val_set, cfg, dist)
 
     def run_eval(iteration: int) -> tuple[float, list[float]]:
         student.eval()

@@ -8,18 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsLog", "Progress", "read_metrics"]
+__all__ = ["MetricsLog", "Progress", "json_safe", "read_metrics"]
 
 
-def _plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with tensors as numbers and NaN as ``null`` (JSON has no NaN)."""
     if hasattr(value, "item") and callable(value.item):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else str(value)  # JSON has no NaN/Inf
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 
@@ -65,7 +66,7 @@ class MetricsLog:
         """Append ``record`` (must hold ``iter``) and send its scalars to TensorBoard."""
         if not self.enabled:
             return
-        record = _plain(record)
+        record = json_safe(record)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -15,6 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+_EXAMPLES = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "examples")
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)
+
 
 class SegmentationOutput(NamedTuple):
     logits: Tensor
