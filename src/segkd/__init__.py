@@ -1,8 +1,20 @@
 """segkd: knowledge-distillation losses for semantic segmentation."""
 
 from segkd import functional, ops
-from segkd.losses import CWDLoss, HWDLoss, IFVDLoss, MGDLoss
+from segkd.losses import CWDLoss, DISTLoss, HWDLoss, IFVDLoss, KDLoss, MGDLoss, SKDDiscriminator, SKDLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["CWDLoss", "HWDLoss", "IFVDLoss", "MGDLoss", "__version__", "functional", "ops"]
+__all__ = [
+    "CWDLoss",
+    "DISTLoss",
+    "HWDLoss",
+    "KDLoss",
+    "SKDDiscriminator",
+    "SKDLoss",
+    "IFVDLoss",
+    "MGDLoss",
+    "__version__",
+    "functional",
+    "ops",
+]

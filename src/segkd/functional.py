@@ -1,14 +1,21 @@
 """Functional forms of every segkd loss (the modules in :mod:`segkd` store settings and call these)."""
 
 from segkd.losses.cwd import cwd_loss
+from segkd.losses.dist import dist_loss
 from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
 from segkd.losses.ifvd import ifvd_loss
 from segkd.losses.mgd import mgd_loss, mgd_mask
+from segkd.losses.skd import pixel_kd_loss, skd_discriminator_hinge_loss, skd_generator_hinge_loss, skd_pairwise_loss
 from segkd.ops.channel_kl import channel_kl
 
 __all__ = [
     "channel_kl",
     "cwd_loss",
+    "dist_loss",
+    "pixel_kd_loss",
+    "skd_discriminator_hinge_loss",
+    "skd_generator_hinge_loss",
+    "skd_pairwise_loss",
     "hwd_loss",
     "hwd_weights",
     "hwd_weights_from_divergence",

@@ -1,8 +1,37 @@
 """Distillation losses, one module per method."""
 
 from segkd.losses.cwd import CWDLoss, cwd_loss
+from segkd.losses.dist import DISTLoss, dist_loss
 from segkd.losses.hwd import HWDLoss, hwd_loss, hwd_weights
 from segkd.losses.ifvd import IFVDLoss, ifvd_loss
 from segkd.losses.mgd import MGDLoss, mgd_loss
+from segkd.losses.skd import (
+    KDLoss,
+    SKDDiscriminator,
+    SKDLoss,
+    pixel_kd_loss,
+    skd_discriminator_hinge_loss,
+    skd_generator_hinge_loss,
+    skd_pairwise_loss,
+)
 
-__all__ = ["CWDLoss", "HWDLoss", "IFVDLoss", "MGDLoss", "cwd_loss", "hwd_loss", "hwd_weights", "ifvd_loss", "mgd_loss"]
+__all__ = [
+    "CWDLoss",
+    "DISTLoss",
+    "KDLoss",
+    "SKDDiscriminator",
+    "SKDLoss",
+    "dist_loss",
+    "pixel_kd_loss",
+    "skd_discriminator_hinge_loss",
+    "skd_generator_hinge_loss",
+    "skd_pairwise_loss",
+    "HWDLoss",
+    "IFVDLoss",
+    "MGDLoss",
+    "cwd_loss",
+    "hwd_loss",
+    "hwd_weights",
+    "ifvd_loss",
+    "mgd_loss",
+]

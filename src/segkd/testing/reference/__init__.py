@@ -8,6 +8,7 @@ They favour clarity over speed and memory; use them on small inputs.
 
 from segkd.testing.reference.channel_kl import channel_kl_reference, spatial_softmax_reference
 from segkd.testing.reference.cwd import cwd_loss_reference
+from segkd.testing.reference.dist import dist_loss_reference, pearson_correlation_reference
 from segkd.testing.reference.hwd import (
     hwd_curve_reference,
     hwd_loss_reference,
@@ -16,6 +17,12 @@ from segkd.testing.reference.hwd import (
 )
 from segkd.testing.reference.ifvd import ifvd_loss_reference, ifvd_similarity_reference
 from segkd.testing.reference.mgd import conv2d_reference, mgd_loss_reference
+from segkd.testing.reference.skd import (
+    pixel_kd_loss_reference,
+    skd_discriminator_hinge_loss_reference,
+    skd_generator_hinge_loss_reference,
+    skd_pairwise_loss_reference,
+)
 
 __all__ = [
     "channel_kl_reference",
@@ -29,4 +36,10 @@ __all__ = [
     "ifvd_loss_reference",
     "ifvd_similarity_reference",
     "mgd_loss_reference",
+    "dist_loss_reference",
+    "pearson_correlation_reference",
+    "pixel_kd_loss_reference",
+    "skd_discriminator_hinge_loss_reference",
+    "skd_generator_hinge_loss_reference",
+    "skd_pairwise_loss_reference",
 ]
