@@ -19,6 +19,7 @@ from segkd.losses.cirkd import (
     cirkd_minibatch_loss,
 )
 from segkd.testing import strategies as sks
+from segkd.testing.checks import check_distillation_loss
 from segkd.testing.reference.cirkd import (
     cirkd_memory_kl_reference,
     cirkd_minibatch_loss_reference,
@@ -596,3 +597,30 @@ def test_deepcopy_keeps_queues_independent():
     memory.enqueue(torch.randn(1, 5, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
     assert clone.pixel_queue_ptr.sum() == 0
     assert memory.pixel_queue_ptr.sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- battery
+
+
+def test_minibatch_passes_the_loss_battery():
+    report = check_distillation_loss(
+        CIRKDMiniBatchLoss(tau=0.1, pool=2),
+        (2, 3, 3, 3),
+        zero_at_equal=True,
+        reference=lambda s, t: cirkd_minibatch_loss_reference(s, t, 0.1, 2),
+    )
+    assert {"gradcheck", "zero_at_equal", "reference", "teacher_graph", "finite"} <= set(report.passed)
+    report = check_distillation_loss(CIRKDMiniBatchLoss(), (2, 3, 3, 3), teacher_shape=(2, 5, 3, 3))
+    assert "gradcheck" in report.passed
+
+
+def test_memory_module_passes_the_loss_battery():
+    report = check_distillation_loss(
+        _memory(num_classes=3, s_ch=3, t_ch=5),
+        (2, 3, 3, 3),
+        teacher_shape=(2, 5, 3, 3),
+        with_labels=True,
+        num_classes=3,
+        label_shape=(2, 6, 6),
+    )
+    assert {"gradcheck", "deterministic", "finite", "teacher_graph", "state_dict"} <= set(report.passed)
