@@ -41,10 +41,16 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
+@torch.compiler.assume_constant_result
+def _triton_available() -> bool:
+    # A constant for torch.compile: Dynamo would otherwise break the graph at importlib.
+    return _triton_module() is not None
+
+
 def available_backends() -> list[str]:
     """Concrete backends usable in this environment (``"torch"`` always is)."""
     names = ["torch"]
-    if not _env_flag(_DISABLE_TRITON_ENV) and _triton_module() is not None:
+    if not _env_flag(_DISABLE_TRITON_ENV) and _triton_available():
         names.append("triton")
     return names
 
@@ -63,13 +69,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch" or _env_flag(_DISABLE_TRITON_ENV):
         return "torch"
     if backend == "triton":
-        if _triton_module() is None:
+        if not _triton_available():
             raise RuntimeError(
                 "backend='triton' was requested but Triton is not available: install it with "
                 "`pip install segkd[triton]`, or use backend='torch'."
             )
         return "triton"
-    return "triton" if device.type == "cuda" and _triton_module() is not None else "torch"
+    return "triton" if device.type == "cuda" and _triton_available() else "torch"
 
 
 def _launcher(name: str) -> ModuleType:
@@ -109,6 +115,78 @@ class ChannelKLFunction(torch.autograd.Function):
             return None, None, None, None, None
         grad_student = _launcher(ctx.backend).backward(student, teacher, lse_s, lse_t, grad_kl.contiguous(), ctx.tau)
         return grad_student, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the same launchers behind two torch.library custom ops. Dynamo and Inductor treat
+# them as opaque calls with known output shapes (register_fake), so neither backend is traced into
+# (the Triton interpreter, or a Python loop over row blocks); no graph break. Eager calls keep the
+# cheaper ChannelKLFunction above.
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_op_impl(
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
+    return kl, (kl.new_empty(0) if sqdist is None else sqdist), lse_s, lse_t
+
+
+def _forward_op_fake(
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = _torch_backend.compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
+    num_rows = student.shape[0]
+    kl = student.new_empty(num_rows, dtype=dtype)
+    sqdist = student.new_empty(num_rows if need_sqdist else 0, dtype=dtype)
+    return kl, sqdist, student.new_empty(num_rows, dtype=dtype), student.new_empty(num_rows, dtype=dtype)
+
+
+def _backward_op_impl(
+    student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float, backend: str
+) -> Tensor:
+    return _launcher(backend).backward(student, teacher, lse_s, lse_t, grad_kl.contiguous(), tau)
+
+
+def _backward_op_fake(
+    student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float, backend: str
+) -> Tensor:
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    student, teacher, tau, _, backend = inputs
+    _, sqdist, lse_s, lse_t = output
+    ctx.save_for_backward(student, teacher, lse_s, lse_t)
+    ctx.tau = tau
+    ctx.backend = backend
+    ctx.mark_non_differentiable(sqdist, lse_s, lse_t)
+
+
+def _op_backward(ctx: Any, grad_kl: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+    student, teacher, lse_s, lse_t = ctx.saved_tensors
+    if grad_kl is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    grad_student = _channel_kl_backward_op(student, teacher, lse_s, lse_t, grad_kl, ctx.tau, ctx.backend)
+    return grad_student, None, None, None, None
+
+
+_channel_kl_forward_op: Any = None
+_channel_kl_backward_op: Any = None
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4; older versions trace ChannelKLFunction instead
+    _channel_kl_forward_op = torch.library.custom_op("segkd::channel_kl_forward", mutates_args=())(_forward_op_impl)
+    _channel_kl_forward_op.register_fake(_forward_op_fake)
+    _channel_kl_backward_op = torch.library.custom_op("segkd::channel_kl_backward", mutates_args=())(_backward_op_impl)
+    _channel_kl_backward_op.register_fake(_backward_op_fake)
+    _channel_kl_forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _apply(student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """Run the op on rows: the autograd.Function in eager mode, the custom op while compiling."""
+    if _channel_kl_forward_op is not None and torch.compiler.is_compiling():
+        kl, sqdist, _, _ = _channel_kl_forward_op(student, teacher, tau, need_sqdist, backend)
+        return kl, sqdist
+    return ChannelKLFunction.apply(student, teacher, tau, need_sqdist, backend)
 
 
 @overload
@@ -188,7 +266,7 @@ def channel_kl(
     batch, channels = student.shape[:2]
     student_rows = student.reshape(batch * channels, -1)
     teacher_rows = teacher.detach().reshape(batch * channels, -1)
-    kl, sqdist = ChannelKLFunction.apply(student_rows, teacher_rows, tau, return_sqdist, name)
+    kl, sqdist = _apply(student_rows, teacher_rows, tau, return_sqdist, name)
     kl = kl.view(batch, channels)
     if return_sqdist:
         return kl, sqdist.view(batch, channels)
