@@ -464,6 +464,20 @@ def test_memory_module_class_absent_and_all_ignored():
     assert torch.equal(memory.region_queue, queues[1])
 
 
+def test_memory_single_pixel_images_match_reference():
+    memory = _memory(num_classes=3, s_ch=4, t_ch=5).double()
+    student, teacher = _randn(2, 4, 1, 1, seed=46), _randn(2, 5, 1, 1, seed=47)
+    labels = torch.tensor([[[2]], [[0]]])
+    other = _memory(num_classes=3, s_ch=4, t_ch=5).double()
+    got = memory(student, teacher, labels)
+    other.enqueue(teacher, labels)
+    pixels, regions = other.sample_entries()
+    assert other.pixel_queue_ptr.tolist() == [1, 0, 1]
+    want = cirkd_memory_kl_reference(other.project_head(student), teacher, labels, pixels, regions)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 def test_memory_state_dict_round_trip():
     memory = _memory(seed=5)
     memory(torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3), torch.randint(0, 3, (2, 3, 3)))
