@@ -1,5 +1,6 @@
 """Functional forms of every segkd loss (the modules in :mod:`segkd` store settings and call these)."""
 
+from segkd.losses.cirkd import cirkd_memory_kl, cirkd_minibatch_loss
 from segkd.losses.cwd import cwd_loss
 from segkd.losses.dist import dist_loss
 from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
@@ -10,6 +11,8 @@ from segkd.ops.channel_kl import channel_kl
 
 __all__ = [
     "channel_kl",
+    "cirkd_memory_kl",
+    "cirkd_minibatch_loss",
     "cwd_loss",
     "dist_loss",
     "pixel_kd_loss",

@@ -1,5 +1,6 @@
 """Distillation losses, one module per method."""
 
+from segkd.losses.cirkd import CIRKDLoss, CIRKDMemoryLoss, CIRKDMiniBatchLoss, cirkd_memory_kl, cirkd_minibatch_loss
 from segkd.losses.cwd import CWDLoss, cwd_loss
 from segkd.losses.dist import DISTLoss, dist_loss
 from segkd.losses.hwd import HWDLoss, hwd_loss, hwd_weights
@@ -16,6 +17,11 @@ from segkd.losses.skd import (
 )
 
 __all__ = [
+    "CIRKDLoss",
+    "CIRKDMemoryLoss",
+    "CIRKDMiniBatchLoss",
+    "cirkd_memory_kl",
+    "cirkd_minibatch_loss",
     "CWDLoss",
     "DISTLoss",
     "HWDLoss",

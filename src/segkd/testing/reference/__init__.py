@@ -7,6 +7,11 @@ They favour clarity over speed and memory; use them on small inputs.
 """
 
 from segkd.testing.reference.channel_kl import channel_kl_reference, spatial_softmax_reference
+from segkd.testing.reference.cirkd import (
+    cirkd_memory_kl_reference,
+    cirkd_minibatch_loss_reference,
+    cirkd_pixel_kd_reference,
+)
 from segkd.testing.reference.cwd import cwd_loss_reference
 from segkd.testing.reference.dist import dist_loss_reference, pearson_correlation_reference
 from segkd.testing.reference.hwd import (
@@ -25,6 +30,9 @@ from segkd.testing.reference.skd import (
 )
 
 __all__ = [
+    "cirkd_memory_kl_reference",
+    "cirkd_minibatch_loss_reference",
+    "cirkd_pixel_kd_reference",
     "channel_kl_reference",
     "cwd_loss_reference",
     "hwd_curve_reference",
