@@ -15,15 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segkd.losses.cirkd import CIRKDLoss, CIRKDMemoryLoss, CIRKDMiniBatchLoss
 from segkd.losses.cwd import CWDLoss, cwd_loss
 from segkd.losses.dist import DISTLoss
 from segkd.losses.hwd import HWDLoss
 from segkd.losses.ifvd import IFVDLoss
-from segkd.losses.skd import KDLoss, skd_pairwise_loss
+from segkd.losses.mgd import MGDLoss
+from segkd.losses.skd import KDLoss, SKDLoss, skd_pairwise_loss
 from segkd.testing.checks import PROPERTIES, CheckReport, LossCheckError, check_distillation_loss
 from segkd.testing.reference import cwd_loss_reference, hwd_loss_reference
+from segkd.testing.reference.cirkd import cirkd_minibatch_loss_reference
 from segkd.testing.reference.dist import dist_loss_reference
 from segkd.testing.reference.ifvd import ifvd_loss_reference
+from segkd.testing.reference.mgd import mgd_loss_reference
 from segkd.testing.reference.skd import pixel_kd_loss_reference, skd_pairwise_loss_reference
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,6 +236,86 @@ def test_passes_on_ifvd_with_labels_at_another_resolution() -> None:
     assert "reference_gradient" in report.passed
 
 
+class OnLogits(nn.Module):
+    """Adapter for the bundles that take (logits, logits, features, features[, labels]) and return (loss, terms).
+
+    The logits double as the features, so the battery drives every term through the student.
+    """
+
+    def __init__(self, bundle: nn.Module) -> None:
+        super().__init__()
+        self.bundle = bundle
+
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
+        if labels is None:
+            return self.bundle(student, teacher, student, teacher)[0]
+        return self.bundle(student, teacher, student, teacher, labels)[0]
+
+
+def test_passes_on_the_skd_bundle_without_the_adversarial_term() -> None:
+    bundle = SKDLoss(num_classes=3, adversarial_weight=0.0, discriminator_weight=0.0, conv_dim=4)
+
+    def reference(s: Tensor, t: Tensor) -> Tensor:
+        return 10.0 * skd_pairwise_loss_reference(s, t, pool=2) + pixel_kd_loss_reference(s, t, 1.0)
+
+    report = check_distillation_loss(OnLogits(bundle), SHAPE, zero_at_equal=True, reference=reference)
+    assert "reference_gradient" in report.passed
+
+
+def test_passes_on_the_skd_bundle_with_its_discriminator() -> None:
+    # The discriminator needs 64 x 64 logits: gradcheck in fast mode keeps that to a few evaluations.
+    torch.manual_seed(0)
+    bundle = SKDLoss(num_classes=2, conv_dim=4)
+    report = check_distillation_loss(OnLogits(bundle), (1, 2, 64, 64), fast_gradcheck=True, scales=(1e4,))
+    assert {"gradcheck", "state_dict", "deterministic"} <= set(report.passed)
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_passes_on_mgd_with_its_random_mask_and_trainable_layers(seeded: bool) -> None:
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(5) if seeded else None
+    module = MGDLoss(student_channels=3, teacher_channels=4, alpha=1.0, mask_ratio=0.5, generator=generator)
+
+    def reference(s: Tensor, t: Tensor) -> Tensor:
+        # Every battery call starts from a fresh copy of the module (so of its generator) after
+        # torch.manual_seed: drawing the same uniform numbers here gives the same keep-mask.
+        size = (s.shape[0], 1, *s.shape[2:])
+        draw = torch.rand(size, generator=torch.Generator().manual_seed(5)) if seeded else torch.rand(size)
+        mask = (draw <= 0.5).to(torch.float64)
+        first, second = module.generation[0], module.generation[2]
+        assert module.align is not None
+        weights = [first.weight, first.bias, second.weight, second.bias, module.align.weight, module.align.bias]
+        w1, b1, w2, b2, wa, ba = (w.detach().to(torch.float64) for w in weights)
+        return mgd_loss_reference(s, t, mask, (w1, b1, w2, b2), (wa, ba), alpha=1.0)
+
+    report = check_distillation_loss(module, (2, 3, 4, 3), teacher_shape=(2, 4, 4, 3), reference=reference)
+    assert {"gradcheck", "reference", "reference_gradient", "state_dict", "deterministic"} <= set(report.passed)
+
+
+def test_passes_on_cirkd() -> None:
+    report = check_distillation_loss(
+        CIRKDMiniBatchLoss(tau=0.1, pool=2),
+        (2, 3, 3, 4),
+        teacher_shape=(2, 5, 3, 4),
+        reference=lambda s, t: cirkd_minibatch_loss_reference(s, t, 0.1, 2),
+    )
+    assert "reference" in report.passed  # this reference computes values only (plain float loops)
+    assert report.skipped["reference_gradient"] == "the reference's output does not require grad"
+    report = check_distillation_loss(CIRKDMiniBatchLoss(tau=0.5), (2, 3, 3, 3), zero_at_equal=True)
+    assert "zero_at_equal" in report.passed
+    tiny = {"pixel_memory_size": 12, "region_memory_size": 5, "pixel_contrast_size": 9, "region_contrast_size": 6}
+    torch.manual_seed(0)
+    memory = CIRKDMemoryLoss(3, 3, 5, generator=torch.Generator().manual_seed(0), **tiny)  # type: ignore[arg-type]
+    report = check_distillation_loss(
+        memory, (2, 3, 3, 3), teacher_shape=(2, 5, 3, 3), with_labels=True, num_classes=3, label_shape=(2, 6, 6)
+    )
+    assert {"gradcheck", "state_dict", "deterministic"} <= set(report.passed)  # queues change in every call
+    torch.manual_seed(0)
+    bundle = CIRKDLoss(3, 3, 3, generator=torch.Generator().manual_seed(0), **tiny)  # type: ignore[arg-type]
+    report = check_distillation_loss(OnLogits(bundle), (2, 3, 3, 3), with_labels=True, num_classes=3)
+    assert {"gradcheck", "state_dict", "deterministic"} <= set(report.passed)
+
+
 # ----------------------------------------------------------------------------------------------- broken losses
 def test_passes_on_a_correct_loss_written_from_the_formula() -> None:
     report = check_distillation_loss(
@@ -308,6 +392,12 @@ def test_fails_gradcheck_on_a_wrong_hand_written_backward() -> None:
         return _ScaledKL.apply(student, teacher.detach(), 2.0)
 
     err = expect_failure("gradcheck", loss)
+    assert err.largest_difference > 1e-3
+
+    def summed(student: Tensor, teacher: Tensor) -> Tensor:  # gradcheck's atol is absolute: no 1/8192 mean
+        return loss(student, teacher) * (student.numel() // student.shape[1])
+
+    err = expect_failure("gradcheck", summed, (1, 2, 64, 64), fast_gradcheck=True, scales=())
     assert err.largest_difference > 1e-3
 
 
