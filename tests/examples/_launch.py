@@ -1,7 +1,8 @@
 """Run examples/train_ddp.py in a test subprocess (plain python or torchrun), with contract stubs when needed.
 
 Fault injection for the tests only: ``SEGKD_TEST_FAIL_RANK=R`` and ``SEGKD_TEST_FAIL_ITER=K`` make rank ``R``
-raise ``RuntimeError`` in its training step at iteration ``K`` (0-based).
+raise ``RuntimeError`` in its training step at iteration ``K`` (0-based); ``SEGKD_TEST_STEP_SLEEP=S`` sleeps ``S``
+seconds in every training step (so that a test can kill the run part-way).
 """
 
 import os
@@ -33,6 +34,20 @@ if "SEGKD_TEST_FAIL_RANK" in os.environ:
         return original(self, images, labels, teacher_out)
 
     engine.DistillationStep.forward = failing_forward
+
+if "SEGKD_TEST_STEP_SLEEP" in os.environ:
+    import time
+
+    from segkd_examples import engine as _engine
+
+    _sleep = float(os.environ["SEGKD_TEST_STEP_SLEEP"])
+    _forward = _engine.DistillationStep.forward
+
+    def slow_forward(self, images, labels, teacher_out):
+        time.sleep(_sleep)
+        return _forward(self, images, labels, teacher_out)
+
+    _engine.DistillationStep.forward = slow_forward
 
 sys.argv = [str(ROOT / "examples" / "train_ddp.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,0 +1,118 @@
+"""mIoU from a confusion matrix, against plain-loop references; whole vs sliding-window inference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from segkd_examples.metrics import (
+    LabelRangeError,
+    check_label_range,
+    confusion_matrix,
+    evaluate,
+    format_iou_table,
+    iou_from_confusion,
+    miou_from_confusion,
+    slide_logits,
+)
+
+
+def _reference_iou(pred, target, num_classes, ignore):
+    # Plain loops over pixels and classes, from the definition.
+    ious = []
+    pairs = [(int(p), int(t)) for p, t in zip(pred.flatten().tolist(), target.flatten().tolist(), strict=True)]
+    pairs = [(p, t) for p, t in pairs if t != ignore]
+    for k in range(num_classes):
+        inter = sum(1 for p, t in pairs if p == k and t == k)
+        union = sum(1 for p, t in pairs if p == k or t == k)
+        ious.append(inter / union if union else math.nan)
+    return ious
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_iou_matches_a_loop_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    k = 5
+    target = torch.randint(0, k, (2, 7, 9), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    target[target == 3] = 255  # class 3 absent from the labels
+    pred = torch.randint(0, k, (2, 7, 9), generator=g)
+    pred[pred == 4] = 0
+    target[target == 4] = 0  # class 4 absent everywhere: excluded from the mean
+    matrix = confusion_matrix(pred, target, k)
+    expected = _reference_iou(pred, target, k, 255)
+    got = iou_from_confusion(matrix).tolist()
+    for a, b in zip(got, expected, strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-12)
+    valid = [v for v in expected if not math.isnan(v)]
+    assert miou_from_confusion(matrix) == pytest.approx(sum(valid) / len(valid))
+    assert int(matrix.sum()) == int((target != 255).sum())
+
+
+def test_confusion_matrix_orientation():
+    pred = torch.tensor([[0, 1, 1]])
+    target = torch.tensor([[0, 0, 1]])
+    assert confusion_matrix(pred, target, 2).tolist() == [[1, 1], [0, 1]]  # rows: true class
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match=r"`pred` and `target` to have the same shape, got \(1, 2\) and \(1, 3\)"):
+        confusion_matrix(torch.zeros(1, 2), torch.zeros(1, 3), 2)
+
+
+def test_label_range_check():
+    labels = torch.tensor([[0, 1, 255, 7, -1]])
+    with pytest.raises(LabelRangeError, match=r"Found 2 label pixels .*\[0, 3\) .*first ids: \[-1, 7\]"):
+        check_label_range(labels, 3)
+    assert check_label_range(labels, 3, action="ignore").tolist() == [[0, 1, 255, 255, 255]]
+    ok = torch.tensor([[0, 2, 255]])
+    assert check_label_range(ok, 3) is ok
+
+
+def test_slide_reconstructs_a_per_pixel_forward():
+    # A forward that keeps the resolution and is per-pixel: any window layout must give back exactly its output.
+    image = torch.randn(1, 3, 23, 37)
+
+    def forward(x):
+        return torch.cat([x, -x], dim=1)
+
+    whole = forward(image)
+    for crop, stride in [((8, 8), (5, 5)), ((16, 32), None), ((40, 40), (10, 10))]:  # last one: padded image
+        torch.testing.assert_close(slide_logits(forward, image, 6, crop, stride), whole, rtol=0, atol=1e-6)
+
+
+def test_slide_averages_overlaps():
+    # Each window predicts its own mean pixel value; columns covered by two windows get the mean of both.
+    image = torch.arange(6.0).repeat(1, 1, 4, 1)  # (1, 1, 4, 6), value = column index
+
+    def forward(x):
+        return torch.full((1, 1, *x.shape[-2:]), float(x.mean()))
+
+    out = slide_logits(forward, image, 1, (4, 4), (4, 2))  # windows over columns 0-3 and 2-5
+    expected = torch.tensor([1.5, 1.5, 2.5, 2.5, 3.5, 3.5]).repeat(1, 1, 4, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_evaluate_single_process():
+    k = 3
+    labels = torch.tensor([[[0, 1], [2, 255]]])
+    images = torch.zeros(1, 3, 2, 2)
+
+    def forward(x):  # always predicts class 1, at half resolution
+        logits = torch.zeros(x.shape[0], k, 1, 1)
+        logits[:, 1] = 1.0
+        return logits
+
+    miou, iou, matrix = evaluate(forward, [(images, labels)], k, device=torch.device("cpu"))
+    assert matrix.tolist() == [[0, 1, 0], [0, 1, 0], [0, 1, 0]]
+    assert iou == pytest.approx([0.0, 1 / 3, 0.0])
+    assert miou == pytest.approx(1 / 9)
+
+
+def test_format_iou_table():
+    table = format_iou_table([0.5, float("nan"), 0.25], ["road", "sky", "car"])
+    assert "| road     |   50.00 |" in table
+    assert "| sky      |     n/a |" in table
+    assert table.splitlines()[-1] == "| **mean** |   37.50 |"
