@@ -49,7 +49,8 @@ def normalize_image(rgb: Any) -> Tensor:
         >>> [round(v, 3) for v in x.flatten().tolist()]
         [-104.007, 11.331, 132.321]
     """
-    array = torch.as_tensor(np.asarray(rgb))
+    source = np.asarray(rgb)
+    array = torch.from_numpy(source if source.flags.writeable else source.copy())
     if array.dim() != 3 or array.shape[-1] != 3:
         raise ValueError(f"Expected `rgb` to have shape (H, W, 3), got {tuple(array.shape)}.")
     bgr = array.to(torch.float32).flip(-1).permute(2, 0, 1)

@@ -1,0 +1,471 @@
+"""Tests of segkd_examples.data on tiny fabricated trees in each real layout, and of the synthetic dataset.
+
+The expected id mappings are written by hand from the datasets' definitions (cityscapesScripts' labels.py for
+Cityscapes, "0 = other, k -> k - 1" for ADE20K, mmsegmentation's coco_stuff164k converter for COCO-Stuff), not
+taken from the lookup tables under test.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segkd_examples.data import (
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    COCOSTUFF_CLASSES,
+    DATASETS,
+    DatasetFileError,
+    DatasetRootError,
+    IncompleteDatasetWarning,
+    build_dataset,
+    check_dataset_root,
+    dataset_info,
+    train_augment,
+)
+from segkd_examples.models import IMAGENET_MEAN
+
+torch.set_num_threads(1)
+
+H, W = 6, 8  # tiny label maps: one row per tested value pattern
+
+
+def _write_rgb(path: Path, seed: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return rgb
+
+
+def _write_label(path: Path, values: list[int], size: tuple[int, int] = (H, W)) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = np.resize(np.array(values, dtype=np.uint8), size[0] * size[1])
+    label = flat.reshape(size)
+    Image.fromarray(label).save(path)
+    return label
+
+
+def _expected(raw: np.ndarray, mapping: dict[int, int]) -> torch.Tensor:
+    out = np.full(raw.shape, 255, dtype=np.int64)
+    for source, target in mapping.items():
+        out[raw == source] = target
+    return torch.from_numpy(out)
+
+
+# Hand-written from cityscapesScripts (labelIds -> trainIds): every id not listed is ignored.
+CITYSCAPES_EXPECTED = {7: 0, 8: 1, 11: 2, 12: 3, 17: 5, 21: 8, 23: 10, 24: 11, 26: 13, 31: 16, 33: 18}
+CITYSCAPES_VALUES = [0, 1, 4, 6, 7, 8, 9, 11, 12, 14, 17, 21, 23, 24, 26, 29, 30, 31, 33, 34, 255]
+# mmsegmentation's clsID_to_trID for COCO-Stuff-164k, a hand-picked subset; the unused ids
+# 11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90 (and anything above 181) are ignored.
+COCO_EXPECTED = {
+    0: 0,
+    10: 10,
+    12: 11,
+    24: 23,
+    26: 24,
+    27: 25,
+    30: 26,
+    31: 27,
+    43: 39,
+    45: 40,
+    46: 41,
+    64: 59,
+    66: 60,
+    69: 61,
+    71: 62,
+    81: 72,
+    83: 73,
+    89: 79,
+    91: 80,
+    92: 81,
+    181: 170,
+}
+COCO_VALUES = [
+    0,
+    10,
+    11,
+    12,
+    24,
+    25,
+    26,
+    27,
+    28,
+    29,
+    30,
+    31,
+    43,
+    44,
+    45,
+    46,
+    64,
+    65,
+    66,
+    67,
+    68,
+    69,
+    70,
+    71,
+    81,
+    82,
+    83,
+    89,
+    90,
+    91,
+    92,
+    181,
+    182,
+    200,
+    255,
+]
+
+
+def make_cityscapes(root: Path, splits: tuple[str, ...] = ("train", "val")) -> dict[str, list[np.ndarray]]:
+    raws: dict[str, list[np.ndarray]] = {}
+    for split in splits:
+        raws[split] = []
+        for i, city in enumerate(("aachen", "bochum")):
+            stem = f"{city}_000000_00001{i}"
+            _write_rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", seed=i)
+            raw = _write_label(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", CITYSCAPES_VALUES[i:])
+            raws[split].append(raw)
+    return raws
+
+
+def make_ade20k(root: Path) -> list[np.ndarray]:
+    raws = []
+    for split, folder in (("train", "training"), ("val", "validation")):
+        for i in range(2):
+            stem = f"ADE_{split}_0000000{i + 1}"
+            _write_rgb(root / "ADEChallengeData2016" / "images" / folder / f"{stem}.jpg", seed=i)
+            raw = _write_label(
+                root / "ADEChallengeData2016" / "annotations" / folder / f"{stem}.png", [0, 1, 2, 150, 151, 255][i:]
+            )
+            if split == "val":
+                raws.append(raw)
+    return raws
+
+
+def make_cocostuff(root: Path, train_ids: bool) -> list[np.ndarray]:
+    raws = []
+    for folder in ("train2017", "val2017"):
+        for i in range(2):
+            stem = f"00000000000{i + 1}"
+            _write_rgb(root / "images" / folder / f"{stem}.jpg", seed=i)
+            if train_ids:
+                raw = _write_label(
+                    root / "annotations" / folder / f"{stem}_labelTrainIds.png", [0, 5, 170, 171, 255][i:]
+                )
+            else:
+                raw = _write_label(root / "annotations" / folder / f"{stem}.png", COCO_VALUES[i:])
+            if folder == "val2017":
+                raws.append(raw)
+    return raws
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def test_dataset_info() -> None:
+    assert DATASETS == ("cityscapes", "ade20k", "cocostuff", "synthetic")
+    for name, k in (("cityscapes", 19), ("ade20k", 150), ("cocostuff", 171), ("synthetic", 8)):
+        info = dataset_info(name)
+        assert info.num_classes == k
+        assert len(info.class_names) == k
+        assert len(set(info.class_names)) == k
+        assert info.ignore_index == 255
+    assert CITYSCAPES_CLASSES[0] == "road"
+    assert CITYSCAPES_CLASSES[18] == "bicycle"
+    assert ADE20K_CLASSES[0] == "wall"
+    assert ADE20K_CLASSES[149] == "flag"
+    assert COCOSTUFF_CLASSES[79] == "toothbrush"  # last thing class
+    assert COCOSTUFF_CLASSES[80] == "banner"  # first stuff class
+    assert dataset_info("synthetic", synthetic_classes=12).num_classes == 12
+    with pytest.raises(ValueError, match=r"`name` to be one of .*got 'voc'"):
+        dataset_info("voc")
+    with pytest.raises(ValueError, match=r"`synthetic_classes` to be >= 2"):
+        dataset_info("synthetic", synthetic_classes=1)
+
+
+# ----------------------------------------------------------------------------- real layouts, id mapping
+
+
+def test_cityscapes_mapping_and_normalisation(tmp_path: Path) -> None:
+    raws = make_cityscapes(tmp_path)
+    ds = build_dataset("cityscapes", tmp_path, "val")
+    assert len(ds) == 2
+    for i in range(2):
+        image, label = ds[i]
+        assert image.dtype == torch.float32
+        assert image.shape == (3, H, W)
+        assert label.dtype == torch.int64
+        assert torch.equal(label, _expected(raws["val"][i], CITYSCAPES_EXPECTED))
+    # PNG is lossless: the image is BGR minus the CIRKD mean, on the 0-255 scale.
+    rgb = np.random.default_rng(0).integers(0, 256, size=(H, W, 3), dtype=np.uint8)
+    image, _ = ds[0]
+    blue_minus_mean = torch.from_numpy(rgb[..., 2].astype(np.float32)) - IMAGENET_MEAN[0]
+    torch.testing.assert_close(image[0], blue_minus_mean)
+    torch.testing.assert_close(image[2], torch.from_numpy(rgb[..., 0].astype(np.float32)) - IMAGENET_MEAN[2])
+
+
+def test_ade20k_mapping_and_direct_root(tmp_path: Path) -> None:
+    raws = make_ade20k(tmp_path)
+    expected = {v: v - 1 for v in (1, 2, 150)}  # 0 -> ignore, 151 and 255 are not classes -> ignore
+    for root in (tmp_path, tmp_path / "ADEChallengeData2016"):
+        ds = build_dataset("ade20k", root, "val")
+        assert len(ds) == 2
+        for i in range(2):
+            image, label = ds[i]
+            assert image.shape == (3, H, W)
+            assert torch.equal(label, _expected(raws[i], expected))
+
+
+def test_cocostuff_raw_182_ids_are_mapped_to_171(tmp_path: Path) -> None:
+    raws = make_cocostuff(tmp_path, train_ids=False)
+    ds = build_dataset("cocostuff", tmp_path, "val")
+    for i in range(2):
+        _, label = ds[i]
+        assert torch.equal(label, _expected(raws[i], COCO_EXPECTED))
+    full = build_dataset("cocostuff", tmp_path, "val")
+    _, label = full[0]
+    assert int(label[label != 255].max()) <= 170
+
+
+def test_cocostuff_label_train_ids_are_used_when_present(tmp_path: Path) -> None:
+    raws = make_cocostuff(tmp_path, train_ids=True)
+    ds = build_dataset("cocostuff", tmp_path, "val")
+    for i in range(2):
+        _, label = ds[i]
+        assert torch.equal(label, _expected(raws[i], {0: 0, 5: 5, 170: 170}))
+
+
+# ----------------------------------------------------------------------------- bad roots
+
+
+def test_missing_root_and_folders(tmp_path: Path) -> None:
+    with pytest.raises(DatasetRootError, match=r"cityscapes root .*nowhere is not an existing folder"):
+        check_dataset_root("cityscapes", tmp_path / "nowhere", "train")
+    with pytest.raises(DatasetRootError, match=r"needs a root folder"):
+        check_dataset_root("ade20k", None, "train")
+    make_cityscapes(tmp_path / "cs", splits=("train",))
+    with pytest.raises(
+        DatasetRootError, match=r"Cityscapes images in .*cs/leftImg8bit/val .*does not exist.*holds: train"
+    ):
+        check_dataset_root("cityscapes", tmp_path / "cs", "val")
+    (tmp_path / "ade").mkdir()
+    with pytest.raises(
+        DatasetRootError, match=r"ADE20K images in .*ade/ADEChallengeData2016/images/training.*is empty"
+    ):
+        check_dataset_root("ade20k", tmp_path / "ade", "train")
+    make_cityscapes(tmp_path / "cs2", splits=("train",))
+    (tmp_path / "cs2" / "gtFine" / "train").rename(tmp_path / "cs2" / "gtFine" / "training")
+    with pytest.raises(DatasetRootError, match=r"Cityscapes labels in .*cs2/gtFine/train .*holds: training"):
+        build_dataset("cityscapes", tmp_path / "cs2", "train")
+
+
+def test_partial_extraction_is_reported(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path)
+    label = tmp_path / "gtFine" / "val" / "bochum" / "bochum_000000_000011_gtFine_labelIds.png"
+    label.unlink()
+    with pytest.raises(
+        DatasetRootError,
+        match=r"1 of the 2 Cityscapes images .* no label file .*bochum_000000_000011_gtFine_labelIds\.png",
+    ):
+        check_dataset_root("cityscapes", tmp_path, "val")
+    (tmp_path / "leftImg8bit" / "train" / "aachen" / "aachen_000000_000010_leftImg8bit.png").unlink()
+    with pytest.raises(DatasetRootError, match=r"1 Cityscapes label files .* have no image .*2 labels for 1 images"):
+        check_dataset_root("cityscapes", tmp_path, "train")
+    for image in (tmp_path / "leftImg8bit" / "train").glob("*/*.png"):
+        image.unlink()
+    with pytest.raises(
+        DatasetRootError, match=r"Expected Cityscapes images <city>/\*_leftImg8bit\.png in .*found none"
+    ):
+        check_dataset_root("cityscapes", tmp_path, "train")
+
+
+def test_half_converted_cocostuff_is_reported(tmp_path: Path) -> None:
+    make_cocostuff(tmp_path, train_ids=False)
+    _write_label(tmp_path / "annotations" / "val2017" / "000000000001_labelTrainIds.png", [0])
+    with pytest.raises(DatasetRootError, match=r"1 of the 2 COCO-Stuff-164k images .*000000000002_labelTrainIds\.png"):
+        check_dataset_root("cocostuff", tmp_path, "val")
+
+
+def test_small_split_warns_and_synthetic_needs_no_root(tmp_path: Path) -> None:
+    make_ade20k(tmp_path)
+    with pytest.warns(IncompleteDatasetWarning, match=r"Found 2 ade20k train .* official split has 20210"):
+        check_dataset_root("ade20k", tmp_path, "train")
+    check_dataset_root("synthetic", None, "train")
+    with pytest.raises(ValueError, match=r"`split` to be one of 'train', 'val', got 'test'"):
+        check_dataset_root("cityscapes", tmp_path, "test")
+
+
+def test_bad_files_give_named_errors(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, splits=("val",))
+    ds = build_dataset("cityscapes", tmp_path, "val")
+    image_path, label_path = ds.samples[0]
+    Image.fromarray(np.zeros((H, W, 3), dtype=np.uint8)).save(label_path)  # a colour image as label
+    with pytest.raises(
+        DatasetFileError, match=r"label map .*aachen_000000_000010_gtFine_labelIds\.png has image mode 'RGB'"
+    ):
+        ds[0]
+    _write_label(label_path, [7], size=(H + 1, W))
+    with pytest.raises(DatasetFileError, match=r"is 8x7 but its image .* is 8x6"):
+        ds[0]
+    data = image_path.read_bytes()
+    image_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetFileError, match=r"Cannot decode the image .*aachen_000000_000010_leftImg8bit\.png"):
+        ds[0]
+
+
+def test_build_dataset_argument_checks(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, splits=("train",))
+    with pytest.raises(ValueError, match=r"`crop_size` to be two positive ints"):
+        build_dataset("cityscapes", tmp_path, "train", crop_size=(0, 8))
+    with pytest.raises(ValueError, match=r"`crop_size` to be a pair"):
+        build_dataset("cityscapes", tmp_path, "train", crop_size=(8,))
+    with pytest.raises(ValueError, match=r"`scale_range` to be \(low, high\) with 0 < low <= high"):
+        build_dataset("cityscapes", tmp_path, "train", scale_range=(2.0, 1.0))
+    with pytest.raises(ValueError, match=r"`seed` to be >= 0"):
+        build_dataset("synthetic", None, "train", seed=-1)
+    with pytest.raises(ValueError, match=r"`synthetic_length` to be >= 1"):
+        build_dataset("synthetic", None, "train", synthetic_length=0)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_train_crops_shapes_padding_and_reproducibility(tmp_path: Path) -> None:
+    make_cityscapes(tmp_path, splits=("train",))
+    ds = build_dataset("cityscapes", tmp_path, "train", crop_size=(10, 12), scale_range=(1.0, 1.0), flip=False)
+    image, label = ds[0]
+    assert image.shape == (3, 10, 12)
+    assert label.shape == (10, 12)
+    # the 6x8 image fits in the crop at offset (0, 0): the rest is padding
+    assert (label[H:, :] == 255).all()
+    assert (label[:, W:] == 255).all()
+    assert (image[:, H:, :] == 0).all()
+    assert (image[:, :, W:] == 0).all()
+    whole_image, whole_label = ds.load(0)
+    assert torch.equal(label[:H, :W], whole_label)
+    assert torch.equal(image[:, :H, :W], whole_image)
+
+    aug = build_dataset("cityscapes", tmp_path, "train", crop_size=(5, 7), scale_range=(0.5, 2.0), seed=3)
+    again = build_dataset("cityscapes", tmp_path, "train", crop_size=(5, 7), scale_range=(0.5, 2.0), seed=3)
+    first = [aug[i] for i in range(2)]
+    for (a_img, a_lbl), (b_img, b_lbl) in zip(first, (again[i] for i in range(2)), strict=True):
+        assert a_img.shape == (3, 5, 7)
+        assert a_lbl.shape == (5, 7)
+        assert torch.equal(a_img, b_img)
+        assert torch.equal(a_lbl, b_lbl)
+    aug.set_epoch(1)
+    assert any(not torch.equal(first[i][0], aug[i][0]) for i in range(2))
+    aug.set_epoch(0)
+    assert all(torch.equal(first[i][0], aug[i][0]) for i in range(2))
+    other_seed = build_dataset("cityscapes", tmp_path, "train", crop_size=(5, 7), seed=4)
+    assert any(not torch.equal(first[i][0], other_seed[i][0]) for i in range(2))
+    # values stay in the label set (nearest-neighbour resize) plus the padding value
+    allowed = set(CITYSCAPES_EXPECTED.values()) | {255}
+    for epoch in range(4):
+        aug.set_epoch(epoch)
+        assert set(aug[1][1].unique().tolist()) <= allowed
+
+
+def test_train_augment_scale_and_flip() -> None:
+    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2 * 3, 4).repeat(3, 1, 1)[:, :6, :4]
+    label = torch.arange(24, dtype=torch.int64).reshape(6, 4)
+    seen_flip = seen_plain = False
+    for seed in range(12):
+        out_img, out_lbl = train_augment(
+            image, label, np.random.default_rng(seed), crop_size=(6, 4), scale_range=(1.0, 1.0), flip=True
+        )
+        if torch.equal(out_lbl, label.flip(-1)):
+            seen_flip = True
+            assert torch.equal(out_img, image.flip(-1))
+        else:
+            seen_plain = True
+            assert torch.equal(out_lbl, label)
+    assert seen_flip
+    assert seen_plain
+    # scale 2: a 12x8 nearest-neighbour upsampling, every 2x2 block holds one source label
+    out_img, out_lbl = train_augment(
+        image, label, np.random.default_rng(0), crop_size=(12, 8), scale_range=(2.0, 2.0), flip=False
+    )
+    assert torch.equal(out_lbl, label.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert out_img.shape == (3, 12, 8)
+    # scale 0.5 with a larger crop: 3x2 content, the rest padded
+    _, small = train_augment(image, label, np.random.default_rng(0), crop_size=(6, 4), scale_range=(0.5, 0.5))
+    assert int((small != 255).sum()) == 6
+
+
+def test_train_batches_collate() -> None:
+    ds = build_dataset("synthetic", None, "train", synthetic_length=4, synthetic_size=24)
+    images, labels = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert images.shape == (4, 3, 24, 24)
+    assert labels.shape == (4, 24, 24)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_by_seed_and_split() -> None:
+    a = build_dataset("synthetic", None, "val", synthetic_length=6, synthetic_size=32, seed=1)
+    b = build_dataset("synthetic", None, "val", synthetic_length=6, synthetic_size=32, seed=1)
+    c = build_dataset("synthetic", None, "val", synthetic_length=6, synthetic_size=32, seed=2)
+    t = build_dataset("synthetic", None, "train", synthetic_length=6, synthetic_size=32, seed=1, flip=False)
+    for i in range(6):
+        assert torch.equal(a[i][0], b[i][0])
+        assert torch.equal(a[i][1], b[i][1])
+    assert any(not torch.equal(a[i][1], c[i][1]) for i in range(6))
+    assert any(not torch.equal(a[i][1], t[i][1]) for i in range(6))
+    image, label = a[0]
+    assert image.shape == (3, 32, 32)
+    assert image.dtype == torch.float32
+    assert label.dtype == torch.int64
+    with pytest.raises(IndexError):
+        a[6]
+
+
+def test_synthetic_flip_follows_epoch() -> None:
+    ds = build_dataset("synthetic", None, "train", synthetic_length=8, synthetic_size=16, seed=0)
+    epoch0 = [ds[i] for i in range(8)]
+    ds.set_epoch(1)
+    epoch1 = [ds[i] for i in range(8)]
+    flipped = 0
+    for (img0, lbl0), (img1, lbl1) in zip(epoch0, epoch1, strict=True):
+        if torch.equal(lbl0, lbl1):
+            assert torch.equal(img0, img1)
+        else:
+            flipped += 1
+            assert torch.equal(lbl0, lbl1.flip(-1))
+            assert torch.equal(img0, img1.flip(-1))
+    assert flipped > 0
+
+
+@pytest.mark.parametrize("num_classes", [8, 12])
+def test_synthetic_class_coverage(num_classes: int) -> None:
+    ds = build_dataset("synthetic", None, "val", synthetic_length=30, synthetic_classes=num_classes, seed=5)
+    for start in (0, 7):
+        seen: set[int] = set()
+        for i in range(start, start + num_classes - 1):
+            seen |= set(ds[i][1].unique().tolist())
+        assert seen == set(range(num_classes))
+
+
+def test_synthetic_classes_look_different() -> None:
+    ds = build_dataset("synthetic", None, "val", synthetic_length=21, synthetic_size=48)
+    sums = np.zeros((8, 3))
+    counts = np.zeros(8)
+    for i in range(21):
+        rgb, label = ds.render(i)
+        for k in range(8):
+            mask = label == k
+            sums[k] += rgb[mask].sum(axis=0)
+            counts[k] += mask.sum()
+    assert (counts > 0).all()
+    means = sums / counts[:, None]
+    for a, b in itertools.combinations(range(8), 2):
+        assert np.linalg.norm(means[a] - means[b]) > 40, (a, b)
