@@ -18,3 +18,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("SEGKD_HYPOTHESIS_PROFILE", "ci"))
+
+# Helper scripts that tests launch as subprocesses: not test modules, and not importable as doctests.
+collect_ignore_glob = ["tests/examples/_launch*.py"]
