@@ -387,6 +387,16 @@ def test_a_non_detached_weight_passes_gradcheck_but_fails_the_reference_gradient
     assert err.largest_difference > 1e-6
 
 
+def test_exact_gradient_false_needs_a_differentiable_reference() -> None:
+    err = expect_failure(
+        "reference_gradient",
+        HWDLoss(tau=4.0),
+        exact_gradient=False,
+        reference=lambda s, t: hwd_loss_reference(s.detach(), t, tau=4.0),
+    )
+    assert "needs a differentiable reference" in str(err)
+
+
 def test_fails_gradcheck_on_a_wrong_hand_written_backward() -> None:
     def loss(student: Tensor, teacher: Tensor) -> Tensor:
         return _ScaledKL.apply(student, teacher.detach(), 2.0)
