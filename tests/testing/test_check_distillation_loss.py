@@ -618,3 +618,14 @@ def test_the_docs_example_runs() -> None:
     assert tests
     for test in tests:
         test()
+
+
+def test_docs_testing_md_shows_the_example_unchanged() -> None:
+    docs = (REPO / "docs" / "testing.md").read_text()
+    section = docs[docs.index("## Testing your own loss in ten lines") :]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert block is not None
+    example = (REPO / "docs" / "examples" / "test_my_loss.py").read_text()
+    assert block.group(1).strip() == example.strip()
+    code_lines = [line for line in example.splitlines() if line.strip() and not line.lstrip().startswith(('"""', "#"))]
+    assert len(code_lines) <= 12  # "in ten lines": imports, the loss, the test
