@@ -101,6 +101,12 @@ def segmentation_shapes(
 
     Raises:
         ValueError: a range with min > max or below 1, or ``spatial_dims < 1``.
+
+    Example:
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import segmentation_shapes
+        >>> find(segmentation_shapes(), lambda shape: True, settings=settings(database=None))  # the simplest
+        (1, 1, 1, 1)
     """
     if min(min_batch, min_channels, min_side, spatial_dims) < 1:
         raise ValueError("Expected every minimum size and `spatial_dims` to be >= 1.")
@@ -159,6 +165,15 @@ def logits(
 
     Returns:
         A strategy of tensors.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import logits
+        >>> strategy = logits((2, 3, 5, 7), magnitude=1e4, dtype=torch.bfloat16)
+        >>> x = find(strategy, lambda x: True, settings=settings(database=None))
+        >>> x.shape, x.dtype
+        (torch.Size([2, 3, 5, 7]), torch.bfloat16)
     """
     shape = draw(_as_strategy(segmentation_shapes() if shapes is None else shapes))
     scale = draw(_as_strategy(magnitude))
@@ -192,6 +207,15 @@ def logit_pairs(
 
     Raises:
         ValueError: an unknown ``relation``.
+
+    Example:
+        >>> import torch
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import logit_pairs
+        >>> student, teacher = find(logit_pairs((1, 2, 3, 3), relation="equal"), lambda pair: True,
+        ...                         settings=settings(database=None))
+        >>> torch.equal(student, teacher)
+        True
     """
     if relation not in (*_RELATIONS, "any"):
         raise ValueError(f"Expected `relation` to be one of {(*_RELATIONS, 'any')}, got {relation!r}.")
@@ -233,6 +257,14 @@ def feature_maps(
 
     Returns:
         A strategy of tensors.
+
+    Example:
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import feature_maps
+        >>> strategy = feature_maps((1, 4, 2, 2), non_negative=True)
+        >>> features = find(strategy, lambda x: True, settings=settings(database=None))
+        >>> bool((features >= 0).all())
+        True
     """
     default = segmentation_shapes(max_channels=64)
     shape = tuple(draw(_as_strategy(default if shapes is None else shapes)))
@@ -269,6 +301,14 @@ def feature_map_pairs(
 
     Returns:
         A strategy of ``(student, teacher)`` tuples.
+
+    Example:
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import feature_map_pairs
+        >>> student, teacher = find(feature_map_pairs((2, 8, 5, 5), teacher_channels=16), lambda pair: True,
+        ...                         settings=settings(database=None))
+        >>> student.shape, teacher.shape
+        (torch.Size([2, 8, 5, 5]), torch.Size([2, 16, 5, 5]))
     """
     default = segmentation_shapes(max_channels=64)
     shape = tuple(draw(_as_strategy(default if shapes is None else shapes)))
@@ -310,6 +350,14 @@ def label_maps(
 
     Raises:
         ValueError: ``num_classes < 1``, or an ``ignore_index`` inside ``[0, num_classes)``.
+
+    Example:
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import label_maps
+        >>> all_ignored = lambda y: bool((y == 255).all())
+        >>> find(label_maps((1, 2, 3), num_classes=19), all_ignored, settings=settings(database=None))
+        tensor([[[255, 255, 255],
+                 [255, 255, 255]]])
     """
     shape = tuple(draw(_as_strategy(shapes)))
     classes = draw(_as_strategy(num_classes))
@@ -355,6 +403,17 @@ def segmentation_batches(
 
     Returns:
         A strategy of ``(student, teacher, labels)`` tuples.
+
+    Raises:
+        ValueError: a shape that is not 4-D.
+
+    Example:
+        >>> from hypothesis import find, settings
+        >>> from segkd.testing.strategies import segmentation_batches
+        >>> student, teacher, labels = find(segmentation_batches((2, 19, 8, 8)), lambda batch: True,
+        ...                                 settings=settings(database=None))
+        >>> labels.shape, labels.dtype
+        (torch.Size([2, 8, 8]), torch.int64)
     """
     shape = tuple(draw(_as_strategy(segmentation_shapes() if shapes is None else shapes)))
     if len(shape) != 4:
