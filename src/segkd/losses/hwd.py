@@ -37,6 +37,10 @@ def hwd_curve(x: Tensor, beta: float) -> Tensor:
     Returns:
         ``g(x)``, same shape and dtype as ``x``.
 
+    Raises:
+        TypeError: non-numeric ``beta``.
+        ValueError: ``beta <= 0`` or not finite.
+
     Example:
         >>> import torch
         >>> from segkd.losses.hwd import hwd_curve
@@ -68,13 +72,32 @@ def hwd_weights_from_divergence(divergence: Tensor, mu: float = 0.0, beta: float
     divergences equal, e.g. student equals teacher, or ``C == 1``), ``z = 0`` and the weights are
     exactly uniform (all ones), so HWD equals CWD. The published code divides by zero there.
 
+    Reference: W. Sun, D. Chen, C. Wang, D. Ye, Y. Feng, C. Chen, "Holistic Weighted Distillation
+    for Semantic Segmentation", ICME 2023.
+
     Args:
         divergence: ``(N, C)`` divergences; detached.
         mu: shift of the standardised divergences.
         beta: base of the smoothing curve, > 0.
 
+    Shape:
+        - divergence: ``(N, C)``.
+        - output: ``(N, C)``.
+
     Returns:
         ``(N, C)`` weights, non-negative, summing to ``C`` in each row, dtype of ``divergence``.
+
+    Raises:
+        TypeError: non-tensor or non-floating ``divergence``, non-numeric ``mu`` or ``beta``.
+        ValueError: ``divergence`` not 2-D, non-finite ``mu``, ``beta <= 0``.
+
+    Example:
+        >>> import torch
+        >>> from segkd.functional import hwd_weights_from_divergence
+        >>> divergence = torch.tensor([[0.1, 0.2, 0.6], [0.3, 0.3, 0.3]])
+        >>> hwd_weights_from_divergence(divergence, mu=1.0, beta=0.1)  # the second image is degenerate
+        tensor([[0.6955, 1.0049, 1.2996],
+                [1.0000, 1.0000, 1.0000]])
     """
     _checks.check_floating_tensor(divergence, "divergence")
     _checks.check_exact_dims(divergence, "divergence", 2, "(N, C)")
@@ -139,6 +162,11 @@ def hwd_weights(
 
     Returns:
         Weights, non-negative, summing to ``C`` for each image; detached.
+
+    Raises:
+        TypeError: non-tensor or integer inputs, non-numeric hyper-parameters.
+        ValueError: shapes or devices differ, fewer than 3 dims, ``tau <= 0``, ``beta <= 0``,
+            non-finite ``mu``, unknown ``distance``.
 
     Example:
         >>> import torch
