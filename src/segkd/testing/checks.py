@@ -365,7 +365,8 @@ class _Battery:
             for i, out in enumerate(outputs):
                 if not bool(torch.isfinite(out).all()):
                     bad = int((~torch.isfinite(out)).sum())
-                    raise self.fail(prop, case, f"output {i} has {bad} NaN/Inf values", _max_abs(out))
+                    which = "the loss" if len(outputs) == 1 else f"output {i}"
+                    raise self.fail(prop, case, f"{which} has {bad} NaN/Inf values", _max_abs(out))
             total = self.scalar(outputs, [torch.ones_like(o) for o in outputs])
             if total is None:
                 return
