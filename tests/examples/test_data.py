@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from segkd_examples.data import (
@@ -28,7 +29,7 @@ from segkd_examples.data import (
     dataset_info,
     train_augment,
 )
-from segkd_examples.models import IMAGENET_MEAN
+from segkd_examples.models import IMAGENET_MEAN, normalize_image
 
 torch.set_num_threads(1)
 
@@ -374,31 +375,75 @@ def test_train_crops_shapes_padding_and_reproducibility(tmp_path: Path) -> None:
         assert set(aug[1][1].unique().tolist()) <= allowed
 
 
+def _reference_augment(
+    rgb: np.ndarray, label: np.ndarray, seed: int, crop: tuple[int, int], scale_range: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize the whole image with F.interpolate, pad, crop, flip: the documented recipe, done the slow way."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(*scale_range)
+    h, w = label.shape
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    image = F.interpolate(normalize_image(rgb)[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    target = F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=(nh, nw), mode="nearest")
+    target = target[0, 0].long()
+    ph, pw = max(crop[0] - nh, 0), max(crop[1] - nw, 0)
+    image = F.pad(image, (0, pw, 0, ph), value=0.0)
+    target = F.pad(target, (0, pw, 0, ph), value=255)
+    top = int(rng.integers(0, target.shape[0] - crop[0] + 1))
+    left = int(rng.integers(0, target.shape[1] - crop[1] + 1))
+    image = image[:, top : top + crop[0], left : left + crop[1]]
+    target = target[top : top + crop[0], left : left + crop[1]]
+    if rng.random() < 0.5:
+        image, target = image.flip(-1), target.flip(-1)
+    return image, target
+
+
+@pytest.mark.parametrize("scale_range", [(0.5, 0.5), (0.77, 0.77), (1.0, 1.0), (1.6, 1.6), (2.0, 2.0), (0.5, 2.0)])
+def test_windowed_augment_equals_resize_then_crop(scale_range: tuple[float, float]) -> None:
+    source = np.random.default_rng(7)
+    rgb = source.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    label = source.integers(0, 19, size=(37, 53), dtype=np.uint8)
+    for seed in range(4):
+        image, target = train_augment(
+            rgb, label, np.random.default_rng(seed), crop_size=(24, 30), scale_range=scale_range
+        )
+        ref_image, ref_target = _reference_augment(rgb, label, seed, (24, 30), scale_range)
+        assert image.shape == (3, 24, 30)
+        assert target.dtype == torch.int64
+        torch.testing.assert_close(image, ref_image, atol=2e-3, rtol=0)
+        assert torch.equal(target, ref_target)
+
+
 def test_train_augment_scale_and_flip() -> None:
-    image = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2 * 3, 4).repeat(3, 1, 1)[:, :6, :4]
-    label = torch.arange(24, dtype=torch.int64).reshape(6, 4)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(6, 4, 3), dtype=np.uint8)
+    label = np.arange(24, dtype=np.uint8).reshape(6, 4)
+    whole = normalize_image(rgb)
     seen_flip = seen_plain = False
     for seed in range(12):
-        out_img, out_lbl = train_augment(
-            image, label, np.random.default_rng(seed), crop_size=(6, 4), scale_range=(1.0, 1.0), flip=True
+        image, target = train_augment(
+            rgb, label, np.random.default_rng(seed), crop_size=(6, 4), scale_range=(1.0, 1.0), flip=True
         )
-        if torch.equal(out_lbl, label.flip(-1)):
+        if torch.equal(target, torch.from_numpy(label.astype(np.int64)).flip(-1)):
             seen_flip = True
-            assert torch.equal(out_img, image.flip(-1))
+            assert torch.equal(image, whole.flip(-1))
         else:
             seen_plain = True
-            assert torch.equal(out_lbl, label)
+            assert torch.equal(target, torch.from_numpy(label.astype(np.int64)))
+            assert torch.equal(image, whole)
     assert seen_flip
     assert seen_plain
-    # scale 2: a 12x8 nearest-neighbour upsampling, every 2x2 block holds one source label
-    out_img, out_lbl = train_augment(
-        image, label, np.random.default_rng(0), crop_size=(12, 8), scale_range=(2.0, 2.0), flip=False
+    # scale 2: nearest-neighbour upsampling, every 2x2 block holds one source label
+    _, target = train_augment(
+        rgb, label, np.random.default_rng(0), crop_size=(12, 8), scale_range=(2.0, 2.0), flip=False
     )
-    assert torch.equal(out_lbl, label.repeat_interleave(2, 0).repeat_interleave(2, 1))
-    assert out_img.shape == (3, 12, 8)
-    # scale 0.5 with a larger crop: 3x2 content, the rest padded
-    _, small = train_augment(image, label, np.random.default_rng(0), crop_size=(6, 4), scale_range=(0.5, 0.5))
+    expected = torch.from_numpy(label.astype(np.int64)).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(target, expected)
+    # scale 0.5 with a larger crop: 3x2 content, the rest padded with 255 (label) and 0 (image)
+    image, small = train_augment(rgb, label, np.random.default_rng(0), crop_size=(6, 4), scale_range=(0.5, 0.5))
     assert int((small != 255).sum()) == 6
+    assert int((image.abs().sum(0) == 0).sum()) == 24 - 6
+    with pytest.raises(ValueError, match=r"`rgb` \(H, W, 3\) and `label` \(H, W\) of the same size"):
+        train_augment(rgb, label[:5], np.random.default_rng(0), crop_size=(4, 4))
 
 
 def test_train_batches_collate() -> None:

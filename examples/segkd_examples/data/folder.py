@@ -111,8 +111,8 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Tensor, Tensor]:
-        """The whole, unaugmented item ``index``."""
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``index`` as decoded: RGB ``uint8`` ``(H, W, 3)`` and ``uint8`` train ids ``(H, W)``."""
         image_path, label_path = self.samples[index]
         rgb = read_image(image_path)
         raw = read_label(label_path)
@@ -121,16 +121,20 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
                 f"The label map {label_path} is {raw.shape[1]}x{raw.shape[0]} but its image {image_path} is "
                 f"{rgb.shape[1]}x{rgb.shape[0]} (width x height)."
             )
-        label = torch.from_numpy(apply_lut(raw, self.lut).astype(np.int64))
-        return normalize_image(rgb), label
+        return rgb, apply_lut(raw, self.lut)
+
+    def load(self, index: int) -> tuple[Tensor, Tensor]:
+        """The whole, unaugmented item ``index`` (what the val split returns)."""
+        rgb, label = self.read(index)
+        return normalize_image(rgb), torch.from_numpy(label.astype(np.int64))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        image, label = self.load(index)
         if not self.train:
-            return image, label
+            return self.load(index)
+        rgb, label = self.read(index)
         rng = item_rng(self.seed, self.epoch, index)
         return train_augment(
-            image,
+            rgb,
             label,
             rng,
             crop_size=self.crop_size,

@@ -2,6 +2,11 @@
 
 All randomness comes from a ``numpy.random.Generator`` passed in, so an item's augmentation is a pure function
 of the generator's seed; the datasets seed it from ``(seed, epoch, index)``.
+
+The crop window is drawn first and only the pixels inside it are resampled (separable bilinear interpolation
+for the image, nearest neighbour for the label, with the same sampling positions as ``F.interpolate(...,
+align_corners=False)`` on the whole image). A 2x up-scaled Cityscapes frame is thus never materialised: the cost
+is proportional to the crop, not to the scaled image, which keeps data loading off the critical path.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["item_rng", "train_augment"]
+from segkd_examples.models.normalization import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["bilinear_taps", "item_rng", "nearest_taps", "train_augment"]
 
 
 def item_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:
@@ -21,9 +28,51 @@ def item_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Ge
     return np.random.default_rng([seed, epoch, index, stream])
 
 
+def bilinear_taps(start: int, stop: int, in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Source indices and weights of output positions ``start .. stop-1`` of a bilinear resize.
+
+    .. math::
+
+        u = \max\!\left(\left(j + \tfrac12\right)\frac{n_{in}}{n_{out}} - \tfrac12,\ 0\right), \quad
+        i_0 = \lfloor u \rfloor, \quad i_1 = \min(i_0 + 1, n_{in} - 1), \quad w = u - i_0
+
+    (``align_corners=False``, as ``torch.nn.functional.interpolate``.)
+
+    Returns:
+        ``(i0, i1, w)``: int64 indices and float32 weights of the second tap.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(start, stop, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    return i0, i1, (src - i0).astype(np.float32)
+
+
+def nearest_taps(start: int, stop: int, in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of output positions ``start .. stop-1`` of a nearest resize: ``floor(j * in / out)``."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(start, stop, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def _resample_window(
+    rgb: np.ndarray, rows: tuple[int, int], cols: tuple[int, int], out_size: tuple[int, int]
+) -> np.ndarray:
+    height, width = rgb.shape[:2]
+    if out_size == (height, width):
+        return rgb[rows[0] : rows[1], cols[0] : cols[1]].astype(np.float32)
+    r0, r1, rw = bilinear_taps(rows[0], rows[1], height, out_size[0])
+    c0, c1, cw = bilinear_taps(cols[0], cols[1], width, out_size[1])
+    top = rgb[r0].astype(np.float32)
+    bottom = rgb[r1].astype(np.float32)
+    blended = top + (bottom - top) * rw[:, None, None]
+    left, right = blended[:, c0], blended[:, c1]
+    return left + (right - left) * cw[None, :, None]
+
+
 def train_augment(
-    image: Tensor,
-    label: Tensor,
+    rgb: np.ndarray,
+    label: np.ndarray,
     rng: np.random.Generator,
     *,
     crop_size: Sequence[int],
@@ -31,20 +80,20 @@ def train_augment(
     flip: bool = True,
     ignore_index: int = 255,
 ) -> tuple[Tensor, Tensor]:
-    r"""Random scale, pad-and-crop to ``crop_size``, random horizontal flip.
+    r"""Random scale, pad-and-crop to ``crop_size``, random horizontal flip, then normalisation.
 
     .. math::
 
         s \sim U(s_{lo}, s_{hi}), \quad (H', W') = (\mathrm{round}(sH), \mathrm{round}(sW))
 
-    The image is resized bilinearly, the label by nearest neighbour; if ``(H', W')`` is smaller than the crop,
-    the image is padded at the bottom/right with 0 (the mean colour, since the image is already normalised) and
-    the label with ``ignore_index``; a crop offset is drawn uniformly; the result is flipped left-right with
-    probability 1/2 when ``flip``. Draw order: scale, row offset, column offset, flip.
+    The image is resized bilinearly and the label by nearest neighbour to ``(H', W')``; if that is smaller than the
+    crop, it is padded at the bottom/right (image with 0 after normalisation, i.e. the mean colour; label with
+    ``ignore_index``); a crop offset is drawn uniformly; the result is flipped left-right with probability 1/2 when
+    ``flip``. Draw order: scale, row offset, column offset, flip. Only the crop window is computed.
 
     Args:
-        image: ``(3, H, W)`` float, normalised.
-        label: ``(H, W)`` int64 train ids.
+        rgb: ``(H, W, 3)`` RGB image, ``uint8`` (or any real dtype on the 0-255 scale).
+        label: ``(H, W)`` train ids (integers).
         rng: the item's random generator.
         crop_size: ``(height, width)`` of the output.
         scale_range: ``(low, high)`` of the uniform scale factor.
@@ -52,27 +101,42 @@ def train_augment(
         ignore_index: label value of padded pixels.
 
     Returns:
-        ``image (3, crop_h, crop_w)`` and ``label (crop_h, crop_w)``.
+        ``image`` float32 ``(3, crop_h, crop_w)`` (BGR, normalised like
+        :func:`~segkd_examples.models.normalize_image`) and ``label`` int64 ``(crop_h, crop_w)``.
 
-    Shape:
-        - image: ``(3, H, W)`` -> ``(3, crop_h, crop_w)``.
-        - label: ``(H, W)`` -> ``(crop_h, crop_w)``.
+    Raises:
+        ValueError: ``rgb`` is not ``(H, W, 3)`` or ``label`` is not ``(H, W)``.
     """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or label.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"Expected `rgb` (H, W, 3) and `label` (H, W) of the same size, got {rgb.shape} and {label.shape}."
+        )
     crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
     height, width = label.shape
     scale = float(rng.uniform(scale_range[0], scale_range[1]))
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
-        label = F.interpolate(label[None, None].float(), size=(new_h, new_w), mode="nearest")[0, 0].long()
-    pad_h, pad_w = max(crop_h - new_h, 0), max(crop_w - new_w, 0)
+    top = int(rng.integers(0, max(new_h, crop_h) - crop_h + 1))
+    left = int(rng.integers(0, max(new_w, crop_w) - crop_w + 1))
+    rows = (top, min(top + crop_h, new_h))
+    cols = (left, min(left + crop_w, new_w))
+
+    window = _resample_window(rgb, rows, cols, (new_h, new_w))
+    if (new_h, new_w) == (height, width):
+        window_label = label[rows[0] : rows[1], cols[0] : cols[1]]
+    else:
+        r = nearest_taps(rows[0], rows[1], height, new_h)
+        c = nearest_taps(cols[0], cols[1], width, new_w)
+        window_label = label[r[:, None], c[None, :]]
+
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    bgr = (window[..., ::-1] - mean) / std
+    image = torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
+    target = torch.from_numpy(np.ascontiguousarray(window_label, dtype=np.int64))
+    pad_h, pad_w = crop_h - image.shape[1], crop_w - image.shape[2]
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
-    top = int(rng.integers(0, label.shape[0] - crop_h + 1))
-    left = int(rng.integers(0, label.shape[1] - crop_w + 1))
-    image = image[:, top : top + crop_h, left : left + crop_w]
-    label = label[top : top + crop_h, left : left + crop_w]
+        target = F.pad(target, (0, pad_w, 0, pad_h), value=ignore_index)
     if flip and rng.random() < 0.5:
-        image, label = image.flip(-1), label.flip(-1)
-    return image.contiguous(), label.contiguous().to(torch.int64)
+        image, target = image.flip(-1), target.flip(-1)
+    return image.contiguous(), target.contiguous().to(torch.int64)
