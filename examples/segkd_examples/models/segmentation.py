@@ -140,16 +140,16 @@ def _build(name: str, num_classes: int) -> SegmentationModel:
 def build_model(name: str, num_classes: int, *, backbone_weights: str | None = None) -> SegmentationModel:
     """Build one of the segmentation models in :data:`MODEL_NAMES`.
 
-    =================  ======================================  ================  =========
-    name               backbone / head                         ``D`` (features)  aux head
-    =================  ======================================  ================  =========
-    ``deeplabv3_r101``  deep-stem dilated ResNet-101 / ASPP      256               yes
-    ``deeplabv3_r18``   deep-stem dilated ResNet-18 / ASPP       128               yes
-    ``pspnet_r18``      deep-stem dilated ResNet-18 / PSP        128               yes
-    ``deeplabv3_mbv2``  dilated MobileNetV2 / ASPP               128               no
-    ``tiny_teacher``    4 conv stages, width 16 / 3x3 conv       64                yes
-    ``tiny_student``    4 conv stages, width 8 / 3x3 conv        32                yes
-    =================  ======================================  ================  =========
+    ====================  ========================================  ================  ========
+    name                  backbone / head                           ``D`` (features)  aux head
+    ====================  ========================================  ================  ========
+    ``deeplabv3_r101``    deep-stem dilated ResNet-101 / ASPP       256               yes
+    ``deeplabv3_r18``     deep-stem dilated ResNet-18 / ASPP        128               yes
+    ``pspnet_r18``        deep-stem dilated ResNet-18 / PSP         128               yes
+    ``deeplabv3_mbv2``    dilated MobileNetV2 / ASPP                128               no
+    ``tiny_teacher``      4 conv stages, width 16 / 3x3 conv        64                yes
+    ``tiny_student``      4 conv stages, width 8 / 3x3 conv         32                yes
+    ====================  ========================================  ================  ========
 
     Args:
         name: one of :data:`MODEL_NAMES`.
