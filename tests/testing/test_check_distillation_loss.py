@@ -139,6 +139,10 @@ def test_passes_on_cwd(reduction: str) -> None:
     assert dict(report.skipped) == {"pixel_shift_invariant": "not declared"}
     assert report.student_shape == report.teacher_shape == SHAPE
     assert report.label_shape is None
+    assert str(report).splitlines() == [
+        "passed: " + ", ".join(report.passed),
+        "skipped pixel_shift_invariant: not declared",
+    ]
 
 
 def test_passes_on_the_cwd_function_and_skips_state_dict() -> None:
@@ -306,10 +310,12 @@ def test_passes_on_cirkd() -> None:
     tiny = {"pixel_memory_size": 12, "region_memory_size": 5, "pixel_contrast_size": 9, "region_contrast_size": 6}
     torch.manual_seed(0)
     memory = CIRKDMemoryLoss(3, 3, 5, generator=torch.Generator().manual_seed(0), **tiny)  # type: ignore[arg-type]
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
     report = check_distillation_loss(
         memory, (2, 3, 3, 3), teacher_shape=(2, 5, 3, 3), with_labels=True, num_classes=3, label_shape=(2, 6, 6)
     )
     assert {"gradcheck", "state_dict", "deterministic"} <= set(report.passed)  # queues change in every call
+    assert all(torch.equal(before[k], v) for k, v in memory.state_dict().items())  # but only in the copies
     torch.manual_seed(0)
     bundle = CIRKDLoss(3, 3, 3, generator=torch.Generator().manual_seed(0), **tiny)  # type: ignore[arg-type]
     report = check_distillation_loss(OnLogits(bundle), (2, 3, 3, 3), with_labels=True, num_classes=3)
@@ -417,8 +423,10 @@ def test_fails_on_a_loss_that_is_not_invariant_as_declared() -> None:
 
     err = expect_failure("channel_shift_invariant", loss, channel_shift_invariant=True)
     assert err.largest_difference > 0.1
-    # the per-pixel softmax KD is invariant per pixel but not per channel
+    # the per-pixel softmax KD is invariant per pixel but not per channel, CWD the other way round
     expect_failure("channel_shift_invariant", pixel_kd, channel_shift_invariant=True)
+    err = expect_failure("pixel_shift_invariant", CWDLoss(tau=4.0), pixel_shift_invariant=True)
+    assert "per-pixel constant (same for all channels) added to the student" in str(err)
 
 
 def test_fails_when_not_zero_at_equal_inputs() -> None:
