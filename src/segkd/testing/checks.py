@@ -3,7 +3,7 @@ r"""``check_distillation_loss``: the battery of checks every segkd loss passes, 
 The bugs that cost distillation researchers weeks are gradient bugs: a teacher that receives a
 gradient, a weight that should be detached and is not, a NaN for degenerate inputs, a loss that is
 not invariant where its formula says it is. :func:`check_distillation_loss` runs, on small generated
-inputs, the checks segkd runs on its own losses and raises an :class:`LossCheckError` (an
+inputs, the checks segkd runs on its own losses and raises a :class:`LossCheckError` (an
 ``AssertionError``, so pytest shows it as a plain test failure) naming the property that failed, the
 shapes, and the largest difference it found.
 
