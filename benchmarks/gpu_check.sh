@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared GPU check of segkd's fused channel_kl kernel (issue 3), for a session that is lent a GPU:
+#   1. the Triton backend's tests on CUDA (TRITON_INTERPRET unset: the compiled kernels run),
+#   2. the ops and loss tests on CUDA (backend="auto" picks Triton there),
+#   3. the benchmark on all shapes, fp32 and bf16, CWD and HWD.
+# Outputs go under $OUT (default ./gpu_out): env.txt, pytest_triton.log, pytest_ops_losses.log,
+# bench_gpu.log (the table) and bench_gpu.json. Run from anywhere: `bash benchmarks/gpu_check.sh`.
+#
+# It assumes a machine whose python3 already has a CUDA build of torch and Triton (the lent GPU
+# machines do, and cannot download anything). segkd is used from the source tree (PYTHONPATH=src),
+# so no install is needed; on a machine with internet, `pip install -e ".[test,triton]"` works too.
+# Steps that fail are reported and the script goes on, so one run gives every figure it can.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+  "$PY" - <<'EOF'
+import torch, platform
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as error:
+    print("triton missing:", error)
+import segkd, segkd.ops.channel_kl as ck
+print("segkd", segkd.__version__, "backends", ck.available_backends(),
+      "auto on cuda ->", ck.resolve_backend("auto", torch.device("cuda")))
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if ! "$PY" -c "import torch, triton, pytest, hypothesis, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "This check needs python3 with CUDA torch, triton, pytest and hypothesis (pip install -e '.[test,triton]')."
+  exit 2
+fi
+
+echo "== 1. Triton backend tests on CUDA"
+timeout 240 "$PY" -m pytest tests/ops/test_channel_kl_triton.py -q -rs -p no:cacheprovider \
+  > "$OUT/pytest_triton.log" 2>&1 || status=1
+tail -n 15 "$OUT/pytest_triton.log"
+
+echo "== 2. ops and loss tests on CUDA (auto -> Triton)"
+timeout 180 "$PY" -m pytest tests/ops tests/losses -q -rs -p no:cacheprovider \
+  --ignore=tests/ops/test_channel_kl_triton.py > "$OUT/pytest_ops_losses.log" 2>&1 || status=1
+tail -n 15 "$OUT/pytest_ops_losses.log"
+
+echo "== 3. benchmark, all shapes"
+timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_channel_kl.py --device cuda --shapes all \
+  --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
+
+echo "gpu_check finished with status $status; outputs in $OUT"
+exit $status
