@@ -208,7 +208,8 @@ def pixel_kd_loss(
     log_p_s = torch.log_softmax(student.to(dtype) / tau, dim=1)
     log_p_t = torch.log_softmax(teacher.detach().to(dtype) / tau, dim=1)
     # log_softmax of finite logits is finite, so an underflowed p_T gives 0 * finite = 0, never NaN.
-    terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * (tau * tau)  # (N, H, W)
+    # KL >= 0, but for near-equal pixels rounding can leave ~-1e-7: clamp it, as channel_kl does.
+    terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).clamp_min(0) * (tau * tau)  # (N, H, W)
     if kept is None:
         return reduce_terms(terms, reduction)
     terms = torch.where(kept, terms, torch.zeros_like(terms))
