@@ -209,6 +209,16 @@ class CIRKDMiniBatchLoss(nn.Module):
         return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}"
 
 
+def _unit_vectors(embed: Tensor) -> Tensor:
+    """``F.normalize`` along channels, except that an exactly zero vector passes no gradient.
+
+    ``F.normalize`` gives a zero vector the gradient ``1 / eps = 1e12`` times the upstream one: in fp16
+    (autocast) that overflows to inf, and to NaN in the projection head's weights.
+    """
+    unit = F.normalize(embed, p=2, dim=1)
+    return torch.where((embed == 0).all(dim=1, keepdim=True), unit.detach(), unit)
+
+
 def _check_entries(entries: Tensor, name: str, dim: int) -> None:
     _checks.check_floating_tensor(entries, name)
     _checks.check_exact_dims(entries, name, 2, "(M, D)")
@@ -241,7 +251,9 @@ def cirkd_memory_kl(
 
     computed once with the pixel entries (pixel-to-pixel) and once with the region entries
     (pixel-to-region). With no anchor (``V = 0``) both terms are ``0 * sum(student_embed)``: zero,
-    finite, still attached to the graph (the original returns NaN there).
+    finite, still attached to the graph (the original returns NaN there). A student embedding vector
+    that is exactly zero (no direction) passes no gradient, where ``F.normalize`` would pass
+    ``1e12`` times the upstream gradient (inf, then NaN in the projection head, under fp16).
 
     Reference: C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational
     Knowledge Distillation for Semantic Segmentation", CVPR 2022.
@@ -308,7 +320,7 @@ def cirkd_memory_kl(
     dtype = _compute_dtype(student_embed, teacher_embed)
     labels = resize_labels_nearest(labels, (student_embed.shape[2], student_embed.shape[3]))
     anchors = (labels != ignore_index).flatten()
-    student = F.normalize(student_embed.to(dtype), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
+    student = _unit_vectors(student_embed.to(dtype)).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     teacher = F.normalize(teacher_embed.detach().to(dtype), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     if student.shape[0] == 0:
         zero = student_embed.sum().to(dtype) * 0.0
