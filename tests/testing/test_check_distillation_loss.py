@@ -211,6 +211,8 @@ def test_passes_on_skd_pairwise_with_different_channel_counts() -> None:
     )
     assert "reference_gradient" in report.passed
     assert report.teacher_shape == (2, 6, 5, 4)
+    report = check_distillation_loss(functools.partial(skd_pairwise_loss, pool=2), (2, 3, 5, 4), zero_at_equal=True)
+    assert "zero_at_equal" in report.passed
 
 
 def test_passes_on_pixel_kd_with_labels() -> None:
@@ -238,6 +240,10 @@ def test_passes_on_ifvd_with_labels_at_another_resolution() -> None:
         reference=lambda s, t, labels: ifvd_loss_reference(s, t, labels, 3),
     )
     assert "reference_gradient" in report.passed
+    report = check_distillation_loss(
+        IFVDLoss(num_classes=3), (2, 4, 3, 4), with_labels=True, num_classes=3, zero_at_equal=True
+    )
+    assert "zero_at_equal" in report.passed
 
 
 class OnLogits(nn.Module):
