@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 
+# The Triton backend runs on CPU tensors only under the interpreter, which must be switched on before
+# anything imports triton (segkd does on import). Leave a CUDA machine, or an explicit choice, alone.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 from hypothesis import HealthCheck, settings
 
 # Profiles: "ci" (default, quick), "dev" (a bit more), "deep" (the fuzz run of `make fuzz`).

@@ -1,5 +1,7 @@
 """Tools to test distillation losses the way segkd tests its own.
 
+* :func:`segkd.testing.check_distillation_loss`: the battery of checks every segkd loss passes, for your own
+  losses.
 * :mod:`segkd.testing.reference`: float64 implementations of segkd's losses written straight from
   their formulas, independent of the optimised code, for a second opinion on values and gradients.
 * :mod:`segkd.testing.strategies`: `hypothesis <https://hypothesis.readthedocs.io>`_ strategies for
@@ -16,5 +18,6 @@ Example:
 """
 
 from segkd.testing import reference
+from segkd.testing.checks import PROPERTIES, CheckReport, LossCheckError, check_distillation_loss
 
-__all__ = ["reference"]
+__all__ = ["PROPERTIES", "CheckReport", "LossCheckError", "check_distillation_loss", "reference"]
