@@ -163,6 +163,13 @@ def test_matches_reference_across_chunks(shape: tuple[int, ...], dtype: torch.dt
     _check_against_reference(student, teacher, tau=4.0)
 
 
+@pytest.mark.parametrize("tau", [0.3, 1.7])
+def test_float64_keeps_float64_accuracy_for_any_tau(tau: float) -> None:
+    # Compiled Triton passes Python floats as fp32; 1/tau is split in two so fp64 stays fp64.
+    student, teacher = _pair((2, 3, 11), torch.float64, seed=4)
+    _check_against_reference(student, teacher, tau=tau)
+
+
 def test_tile_choice_crosses_chunks_with_tiny_blocks(tiny_blocks: None) -> None:
     # The fixture really makes rows of 17 cross three chunks and packs several rows per program.
     assert _triton_backend._tile(17, 10, _triton_backend.FORWARD_MAX_BLOCK_L) == (2, 8)

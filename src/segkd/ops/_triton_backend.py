@@ -90,6 +90,16 @@ def _acc(dtype: torch.dtype) -> Any:
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
+def _split_inverse(tau: float) -> tuple[float, float]:
+    """``1 / tau`` as an fp32 value plus the fp32 rest: fp64 kernels get ~48 bits of it.
+
+    Triton passes Python floats to compiled kernels as fp32.
+    """
+    inverse = 1.0 / tau
+    high = float(torch.tensor(inverse, dtype=torch.float32))
+    return high, float(torch.tensor(inverse - high, dtype=torch.float32))
+
+
 def _device_guard(device: torch.device) -> Any:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -119,11 +129,12 @@ def forward(
             row_length,
             student.stride(0),
             teacher.stride(0),
-            1.0 / tau,
+            *_split_inverse(tau),
             NEED_SQDIST=need_sqdist,
             ROWS=rows,
             BLOCK_L=block_l,
             ACC=_acc(dtype),
+            EXACT_TAU=dtype == torch.float64,
             num_warps=_num_warps(rows * block_l),
         )
     return kl, sqdist, lse_s, lse_t
@@ -151,11 +162,12 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
             student.stride(0),
             teacher.stride(0),
             grad.stride(0),
-            1.0 / tau,
+            *_split_inverse(tau),
             num_col_blocks,
             ROWS=rows,
             BLOCK_L=block_l,
             ACC=_acc(lse_s.dtype),
+            EXACT_TAU=lse_s.dtype == torch.float64,
             num_warps=_num_warps(rows * block_l),
         )
     return grad

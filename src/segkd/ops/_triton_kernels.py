@@ -41,10 +41,12 @@ def channel_kl_forward_kernel(
     student_row_stride,
     teacher_row_stride,
     inv_tau,
+    inv_tau_lo,
     NEED_SQDIST: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     ACC: tl.constexpr,
+    EXACT_TAU: tl.constexpr,
 ):
     """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and both ``logsumexp(x / tau)``."""
     pid = tl.program_id(0)
@@ -63,8 +65,16 @@ def channel_kl_forward_kernel(
     for start in range(0, row_length, BLOCK_L):
         cols = start + offsets
         mask = row_ok[:, None] & (cols < row_length)
-        s = tl.load(s_base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_tau
-        t = tl.load(t_base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_tau
+        s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC)
+        if EXACT_TAU:  # fp64: 1/tau = inv_tau + inv_tau_lo, as scalar arguments are fp32
+            s = s * inv_tau + s * inv_tau_lo
+            t = t * inv_tau + t * inv_tau_lo
+        else:
+            s = s * inv_tau
+            t = t * inv_tau
+        s = tl.where(mask, s, float("-inf"))
+        t = tl.where(mask, t, float("-inf"))
         new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
         new_m_t = tl.maximum(m_t, tl.max(t, axis=1))
         # Rows past the end see only -inf: shift by 0 there so that no inf - inf appears.
@@ -90,8 +100,14 @@ def channel_kl_forward_kernel(
     for start in range(0, row_length, BLOCK_L):
         cols = start + offsets
         mask = row_ok[:, None] & (cols < row_length)
-        s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC) * inv_tau
-        t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC) * inv_tau
+        s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC)
+        t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC)
+        if EXACT_TAU:
+            s = s * inv_tau + s * inv_tau_lo
+            t = t * inv_tau + t * inv_tau_lo
+        else:
+            s = s * inv_tau
+            t = t * inv_tau
         p_s = tl.exp(s - lse_s[:, None])
         p_t = tl.exp(t - lse_t[:, None])
         d = (t - s) - lse_gap[:, None]
@@ -126,10 +142,12 @@ def channel_kl_backward_kernel(
     teacher_row_stride,
     grad_row_stride,
     inv_tau,
+    inv_tau_lo,
     num_col_blocks,
     ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     ACC: tl.constexpr,
+    EXACT_TAU: tl.constexpr,
 ):
     """``grad[r, i] = grad_kl[r] / tau * (p_S[r, i] - p_T[r, i])`` for one ``ROWS x BLOCK_L`` tile."""
     pid = tl.program_id(0)
@@ -142,10 +160,18 @@ def channel_kl_backward_kernel(
     rows64 = rows.to(tl.int64)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    scale = tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(ACC) * inv_tau
+    g = tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     s = tl.load(student_ptr + rows64[:, None] * student_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(teacher_ptr + rows64[:, None] * teacher_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    p_s = tl.exp(s * inv_tau - lse_s[:, None])
-    p_t = tl.exp(t * inv_tau - lse_t[:, None])
+    if EXACT_TAU:  # fp64: 1/tau = inv_tau + inv_tau_lo, as scalar arguments are fp32
+        scale = g * inv_tau + g * inv_tau_lo
+        s = s * inv_tau + s * inv_tau_lo
+        t = t * inv_tau + t * inv_tau_lo
+    else:
+        scale = g * inv_tau
+        s = s * inv_tau
+        t = t * inv_tau
+    p_s = tl.exp(s - lse_s[:, None])
+    p_t = tl.exp(t - lse_t[:, None])
     grad = scale[:, None] * (p_s - p_t)
     tl.store(grad_ptr + rows64[:, None] * grad_row_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
