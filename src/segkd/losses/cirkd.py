@@ -79,7 +79,8 @@ def _kl_to_teacher(student_logits: Tensor, teacher: tuple[Tensor, Tensor]) -> Te
     Autograd saves two full-size tensors: the teacher probabilities and the student log-probabilities.
     """
     p_t, neg_entropy = teacher
-    return neg_entropy - torch.einsum("...i,...i->...", p_t, F.log_softmax(student_logits, dim=-1))
+    # KL >= 0, but for near-equal rows the two terms cancel and rounding can leave ~-1e-8: clamp it.
+    return (neg_entropy - torch.einsum("...i,...i->...", p_t, F.log_softmax(student_logits, dim=-1))).clamp_min(0)
 
 
 def cirkd_minibatch_loss(
