@@ -42,6 +42,12 @@ def _row_blocks(num_rows: int, row_length: int, device: torch.device | None = No
     return [slice(start, min(start + rows_per_block, num_rows)) for start in range(0, num_rows, rows_per_block)]
 
 
+def _inverse(tau: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A one-element tensor (not a 0-dim one) takes part in type promotion: ``torch.mul(x_bf16, inv)`` reads
+    # bf16 and computes and writes fp32 in one pass, where ``x.to(fp32) / tau`` takes two.
+    return torch.full((1,), 1.0 / tau, dtype=dtype, device=device)
+
+
 def forward(
     student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
@@ -52,12 +58,13 @@ def forward(
     lse_s = torch.empty_like(kl)
     lse_t = torch.empty_like(kl)
     sqdist = torch.empty_like(kl) if need_sqdist else None
+    inv_tau = _inverse(tau, dtype, student.device)
     for rows in _row_blocks(num_rows, row_length, student.device):
         # Four block temporaries at most: s, t and their softmaxes. torch.softmax is one fused,
         # vectorised kernel; lse = max + log(sum exp(x - max)) = max - log(max_i p_i), as the largest
         # p_i is exp(0) / sum.
-        s = student[rows].to(dtype, copy=True).div_(tau)
-        t = teacher[rows].to(dtype, copy=True).div_(tau)
+        s = torch.mul(student[rows], inv_tau)
+        t = torch.mul(teacher[rows], inv_tau)
         p_s = torch.softmax(s, dim=1)
         p_t = torch.softmax(t, dim=1)
         lse_s_block = s.amax(dim=1) - p_s.amax(dim=1).log_()
@@ -79,10 +86,12 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
     num_rows, row_length = student.shape
     dtype = lse_s.dtype
     grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    scale = grad_kl.to(dtype) / tau
+    inv_tau = _inverse(tau, dtype, student.device)
+    scale = grad_kl.to(dtype) * inv_tau
     for rows in _row_blocks(num_rows, row_length, student.device):
         # exp(x / tau - lse) is the softmax of x / tau: the fused kernel is faster than sub_ + exp_.
-        p_s = torch.softmax(student[rows].to(dtype, copy=True).div_(tau), dim=1)
-        p_t = torch.softmax(teacher[rows].to(dtype, copy=True).div_(tau), dim=1)
-        grad_student[rows] = p_s.sub_(p_t).mul_(scale[rows, None])
+        p_s = torch.softmax(torch.mul(student[rows], inv_tau), dim=1)
+        p_t = torch.softmax(torch.mul(teacher[rows], inv_tau), dim=1)
+        # Scaled in the compute dtype, rounded once while written into the gradient.
+        torch.mul(p_s.sub_(p_t), scale[rows, None], out=grad_student[rows])
     return grad_student
