@@ -1,0 +1,83 @@
+"""Docs stay in sync with the code: docs/api.md lists every public name, and relative Markdown links resolve."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+API = DOCS / "api.md"
+
+#: Modules whose ``__all__`` docs/api.md must list, each under a heading naming the module in backticks.
+API_MODULES = (
+    "segkd",
+    "segkd.functional",
+    "segkd.ops",
+    "segkd.testing",
+    "segkd.testing.checks",
+    "segkd.testing.reference",
+    "segkd.testing.strategies",
+)
+
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.MULTILINE | re.DOTALL)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+LISTED_NAME = re.compile(r"^- \[`([^`]+)`\]\(", re.MULTILINE)
+HEADING = re.compile(r"^#{2,3} `([A-Za-z0-9_.]+)`\s*$", re.MULTILINE)
+
+
+def api_sections() -> dict[str, set[str]]:
+    """Module name -> the names listed (``- [`name`](page)``) under its heading in docs/api.md."""
+    text = API.read_text()
+    headings = list(HEADING.finditer(text))
+    sections: dict[str, set[str]] = {}
+    for i, heading in enumerate(headings):
+        end = headings[i + 1].start() if i + 1 < len(headings) else len(text)
+        sections[heading.group(1)] = set(LISTED_NAME.findall(text, heading.end(), end))
+    return sections
+
+
+@pytest.mark.parametrize("module_name", API_MODULES)
+def test_api_md_lists_exactly_the_public_names(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    sections = api_sections()
+    assert module_name in sections, f"docs/api.md has no section headed `{module_name}`"
+    public = set(module.__all__)
+    listed = sections[module_name]
+    assert not public - listed, f"docs/api.md does not list {sorted(public - listed)} of {module_name}"
+    assert not listed - public, f"docs/api.md lists {sorted(listed - public)}, not in {module_name}.__all__"
+
+
+def test_link_pattern_finds_links_and_skips_code() -> None:
+    sample = 'See [a](x.md), ![img](img/p.png "title") and `[no](skip.md)`.\n```\n[no](fenced.md)\n```\n'
+    text = INLINE_CODE.sub("", FENCE.sub("", sample))
+    assert LINK.findall(text) == ["x.md", "img/p.png"]
+
+
+def markdown_files() -> list[Path]:
+    return sorted([*DOCS.glob("*.md"), *DOCS.glob("losses/*.md"), ROOT / "README.md"])
+
+
+def relative_links(path: Path) -> list[str]:
+    text = INLINE_CODE.sub("", FENCE.sub("", path.read_text()))
+    targets = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # http(s)://, mailto:, or an anchor on the same page
+        targets.append(target)
+    return targets
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files(path: Path) -> None:
+    assert path.is_file(), f"{path.relative_to(ROOT)} is missing"
+    broken = []
+    for target in relative_links(path):
+        file_part = target.split("#", 1)[0].split("?", 1)[0]
+        if file_part and not (path.parent / file_part).exists():
+            broken.append(target)
+    assert not broken, f"{path.relative_to(ROOT)} links to missing files: {broken}"
