@@ -251,7 +251,7 @@ def cirkd_memory_kl(
             \mathrm{KL}\left(\mathrm{softmax}(z^T_v / \tau_k) \,\|\, \mathrm{softmax}(z^S_v / \tau_k)\right),
 
     computed once with the pixel entries (pixel-to-pixel) and once with the region entries
-    (pixel-to-region). With no anchor (``V = 0``) both terms are ``0 * sum(student_embed)``: zero,
+    (pixel-to-region). With no anchor (``V = 0``) both terms are ``sum(0 * student_embed)``: zero,
     finite, still attached to the graph (the original returns NaN there). A student embedding vector
     that is exactly zero (no direction) passes no gradient, where ``F.normalize`` would pass
     ``1e12`` times the upstream gradient (inf, then NaN in the projection head, under fp16).
@@ -324,7 +324,8 @@ def cirkd_memory_kl(
     student = _unit_vectors(student_embed.to(dtype)).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     teacher = F.normalize(teacher_embed.detach().to(dtype), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     if student.shape[0] == 0:
-        zero = student_embed.sum().to(dtype) * 0.0
+        # Multiply before summing: the sum of large fp16 values overflows to inf, and inf * 0 is NaN.
+        zero = (student_embed.to(dtype) * 0.0).sum()
         return zero, zero.clone()
     scale = 1.0 / (contrast_tau * kd_tau)
 
