@@ -3,9 +3,10 @@
 Reads the ``metrics.jsonl`` and ``config.yaml`` that ``examples/train_ddp.py`` writes into each run folder and
 writes, under ``--out``:
 
-* ``report.md``: one row per run (dataset, student, method, mIoU, delta over the no-KD baseline of the same
-  dataset and student, iterations done), the plots below, and every warning raised while reading;
-* ``curves/<dataset>_<student>_<method>.png``: per run, the mIoU and each loss term against the iteration;
+* ``report.md``: one row per dataset, student and method (dataset, student, method, mIoU, delta over the no-KD
+  baseline of the same dataset and student, number of runs, iterations done; several seeds of a row are
+  averaged, ``--per-run`` lists them apart), the plots below, and every warning raised while reading;
+* ``curves/<dataset>_<student>_<method>[_N].png``: per run, the mIoU and each loss term against the iteration;
 * ``miou_<dataset>_<student>.png``: the mIoU curves of all runs of one dataset and student, overlaid.
 
 Runs still in progress, runs without any evaluation yet, records with missing values and lines that are not
@@ -231,17 +232,28 @@ def sort_runs(runs: Iterable[Run]) -> list[Run]:
     )
 
 
-def baselines(runs: Iterable[Run], metric: str, warn: Warnings) -> dict[tuple[str, str], float]:
+def baselines(runs: Iterable[Run], metric: str) -> dict[tuple[str, str], float]:
     """The no-KD mIoU of each ``(dataset, student)``: the mean over its baseline runs that have an evaluation."""
     values: dict[tuple[str, str], list[float]] = {}
     for run in runs:
         miou = run.miou(metric)
         if run.method == BASELINE_METHOD and miou is not None:
             values.setdefault(run.group, []).append(miou)
-    for group, found in values.items():
-        if len(found) > 1:
-            warn(f"{len(found)} baseline runs for {group[0]}/{group[1]}: deltas are over their mean.")
     return {group: sum(found) / len(found) for group, found in values.items()}
+
+
+def table_rows(runs: Sequence[Run], per_run: bool) -> list[list[Run]]:
+    """Group sorted runs into table rows: one per dataset, student and method (several seeds are averaged).
+
+    With ``per_run``, or for runs whose config is unknown, every run is a row of its own.
+    """
+    rows: dict[tuple[str, ...], list[Run]] = {}
+    for run in runs:
+        key = (run.dataset, run.student, run.method)
+        if per_run or UNKNOWN in key:
+            key = (*key, str(run.metrics_path))
+        rows.setdefault(key, []).append(run)
+    return list(rows.values())
 
 
 def run_label(run: Run) -> str:
@@ -260,26 +272,40 @@ def unique_labels(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def format_table(runs: Sequence[Run], metric: str, base: dict[tuple[str, str], float]) -> str:
-    """The Markdown table: mIoU in percent with two decimals, delta in points over the group's baseline."""
+def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[str, str], float]) -> str:
+    """The Markdown table, one line per row of runs (see :func:`table_rows`).
+
+    mIoU: the mean over the row's runs that have an evaluation, in percent with two decimals; delta: in points
+    over the mean of the baseline runs of the same dataset and student; runs: how many, with the range of their
+    mIoU when more than one.
+    """
     lines = [
-        "| dataset | student | method | mIoU (%) | delta | iterations | run |",
-        "|---|---|---|---:|---:|---:|---|",
+        "| dataset | student | method | mIoU (%) | delta | runs | iterations | folder |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for run in runs:
-        miou = run.miou(metric)
+    for row in rows:
+        first = row[0]
+        values = [v for v in (run.miou(metric) for run in row) if v is not None]
+        miou = sum(values) / len(values) if values else None
         miou_cell = f"{100 * miou:.2f}" if miou is not None else ""
-        if run.method in (BASELINE_METHOD, TEACHER_METHOD) or miou is None:
+        if first.method in (BASELINE_METHOD, TEACHER_METHOD) or miou is None:
             delta_cell = ""
-        elif run.group in base:
-            delta_cell = f"{100 * (miou - base[run.group]):+.2f}"
+        elif first.group in base:
+            delta_cell = f"{100 * (miou - base[first.group]):+.2f}"
         else:
             delta_cell = "no baseline"
-        planned = str(run.max_iters) if run.max_iters is not None else "?"
-        iters_cell = f"{run.last_iter}/{planned}" + (" (running)" if run.in_progress else "")
+        runs_cell = str(len(row))
+        if len(values) > 1:
+            runs_cell += f" ({100 * min(values):.2f}-{100 * max(values):.2f})"
+        planned = {run.max_iters for run in row}
+        planned_cell = str(planned.pop()) if len(planned) == 1 and None not in planned else "?"
+        iters_cell = f"{min(run.last_iter for run in row)}/{planned_cell}"
+        if any(run.in_progress for run in row):
+            iters_cell += " (running)"
+        folders = ", ".join(f"`{run.metrics_path.parent}`" for run in row)
         lines.append(
-            f"| {run.dataset} | {run.student} | {run.method} | {miou_cell} | {delta_cell} | {iters_cell} | "
-            f"`{run.metrics_path.parent}` |"
+            f"| {first.dataset} | {first.student} | {first.method} | {miou_cell} | {delta_cell} | {runs_cell} | "
+            f"{iters_cell} | {folders} |"
         )
     return "\n".join(lines)
 
@@ -336,13 +362,15 @@ def plot_group(runs: Sequence[Run], labels: Sequence[str], path: Path, title: st
     return path
 
 
-def write_report(runs: Sequence[Run], out: Path, metric: str, warn: Warnings) -> tuple[Path, str]:
+def write_report(
+    runs: Sequence[Run], out: Path, metric: str, warn: Warnings, *, per_run: bool = False
+) -> tuple[Path, str]:
     """Write ``report.md`` and the plots under ``out``; return the path of ``report.md`` and the table."""
     out.mkdir(parents=True, exist_ok=True)
     runs = sort_runs(runs)
-    base = baselines(runs, metric, warn)
+    base = baselines(runs, metric)
     labels = unique_labels(runs)
-    table = format_table(runs, metric, base)
+    table = format_table(table_rows(runs, per_run), metric, base)
 
     figures: list[str] = []
     groups: dict[tuple[str, str], list[int]] = {}
@@ -370,9 +398,10 @@ def write_report(runs: Sequence[Run], out: Path, metric: str, warn: Warnings) ->
         "",
         table,
         "",
-        f"mIoU: the {metric} evaluation of each run, in percent (`--metric {other}` for the {other} one). "
-        "delta: mIoU points over the no-KD run (`method: none`) of the same dataset and student, empty for the "
-        "baseline and the teacher. iterations: done/planned.",
+        f"mIoU: the {metric} evaluation of each run, in percent (`--metric {other}` for the {other} one), "
+        "averaged over the runs of a row (several seeds; `--per-run` to list them apart). delta: mIoU points over "
+        "the no-KD runs (`method: none`) of the same dataset and student, empty for the baseline and the teacher. "
+        "runs: how many, with their range. iterations: done/planned (the least advanced run of the row).",
         "",
         "## Training curves",
         "",
@@ -395,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="best",
         help="which evaluation gives a run's mIoU (default: best, as the HWD authors' code reported)",
     )
+    parser.add_argument("--per-run", action="store_true", help="one table row per run instead of per method")
     args = parser.parse_args(argv)
     warn = Warnings()
     files = find_metrics_files(args.paths, warn)
@@ -402,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not runs:
         print("report.py: no runs found (no readable metrics.jsonl under the given paths).", file=sys.stderr)
         return 1
-    path, table = write_report(runs, Path(args.out), args.metric, warn)
+    path, table = write_report(runs, Path(args.out), args.metric, warn, per_run=args.per_run)
     print(table)
     print(f"(report written to {path})")
     return 0

@@ -131,9 +131,8 @@ def test_table_rows_and_deltas(full_report: Path) -> None:
     assert rows[("ade20k", "deeplabv3_r101", "teacher")][:2] == ["42.46", ""]
     # in progress, no evaluation yet: empty mIoU, marked running
     cwd = rows[("cityscapes", "deeplabv3_r18", "cwd")]
-    assert cwd[:2] == ["", ""]
-    assert cwd[2] == "50/40000 (running)"
-    assert rows[("cityscapes", "deeplabv3_r18", "hwd")][2] == "300/300"
+    assert cwd[:4] == ["", "", "1", "50/40000 (running)"]
+    assert rows[("cityscapes", "deeplabv3_r18", "hwd")][2:4] == ["1", "300/300"]
 
 
 def test_rows_follow_table_ii_order(full_report: Path) -> None:
@@ -150,6 +149,32 @@ def test_last_metric(runs: Path, tmp_path: Path) -> None:
     rows = table_rows((out / "report.md").read_text())
     assert rows[("cityscapes", "deeplabv3_r18", "none")][0] == "71.00"
     assert rows[("cityscapes", "deeplabv3_r18", "hwd")][:2] == ["74.50", "+3.50"]
+
+
+def test_seeds_of_a_row_are_averaged(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    for seed, (base, hwd) in enumerate([(0.70, 0.74), (0.72, 0.75)]):
+        write_run(root / f"none_seed{seed}", cfg("ade20k", "pspnet_r18", "none"), [base])
+        write_run(root / f"hwd_seed{seed}", cfg("ade20k", "pspnet_r18", "hwd"), [0.5, hwd])
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    rows = table_rows((out / "report.md").read_text())
+    assert rows[("ade20k", "pspnet_r18", "none")][:3] == ["71.00", "", "2 (70.00-72.00)"]
+    assert rows[("ade20k", "pspnet_r18", "hwd")][:3] == [
+        "74.50",
+        f"{100 * ((0.74 + 0.75) / 2 - 0.71):+.2f}",
+        "2 (74.00-75.00)",
+    ]
+    assert rows[("ade20k", "pspnet_r18", "hwd")][1] == "+3.50"
+    # one curve file per run, repeats numbered
+    assert (out / "curves" / "ade20k_pspnet_r18_hwd.png").is_file()
+    assert (out / "curves" / "ade20k_pspnet_r18_hwd_2.png").is_file()
+
+    per_run = tmp_path / "per_run"
+    assert report.main([str(root), "--out", str(per_run), "--per-run"]) == 0
+    lines = [line for line in (per_run / "report.md").read_text().splitlines() if line.startswith("| ade20k |")]
+    assert len(lines) == 4
+    assert sum("| 74.00 | +3.00 | 1 |" in line for line in lines) == 1  # each against the mean baseline
 
 
 def test_pngs_have_the_expected_size(full_report: Path) -> None:
@@ -199,7 +224,7 @@ def test_bad_files_are_skipped_with_warnings(tmp_path: Path) -> None:
     assert "no numeric `miou`" in warnings
     rows = table_rows(text)
     assert rows[("ade20k", "deeplabv3_r18", "none")][0] == "30.00"
-    assert rows[("ade20k", "deeplabv3_r18", "hwd")][:3] == ["", "", "0/300 (running)"]
+    assert rows[("ade20k", "deeplabv3_r18", "hwd")][:4] == ["", "", "1", "0/300 (running)"]
     assert png_size(out / "curves" / "ade20k_deeplabv3_r18_cwd.png") == expected_curve_px(0)
 
 
@@ -221,7 +246,7 @@ def test_command_line(runs: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "last line is not JSON" in done.stderr
-    assert "| cityscapes | deeplabv3_r18 | hwd | 74.72 | +2.72 |" in done.stdout
+    assert "| cityscapes | deeplabv3_r18 | hwd | 74.72 | +2.72 | 1 |" in done.stdout
     assert (out / "report.md").is_file()
 
     nothing = subprocess.run(
