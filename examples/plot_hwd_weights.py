@@ -206,6 +206,11 @@ def fabricated_weights(
     )
 
 
+def _short(path: str) -> str:
+    """``folder/file`` of a path: enough to tell the runs apart in a title."""
+    return Path(path).parent.name + "/" + Path(path).name if Path(path).parent.name else Path(path).name
+
+
 def _hwd_settings(cfg: Any) -> tuple[float, float, float]:
     """``(mu, beta, tau)`` of an HWD run, else the paper's for the run's dataset (ADE20K's for others)."""
     kd = dict(cfg.kd) if cfg.method == "hwd" else {}
@@ -277,7 +282,7 @@ def checkpoint_weights(
     return BatchWeights(
         weights=torch.cat(rows),
         class_names=list(info.class_names),
-        source=f"{Path(student_ckpt).name} vs {Path(teacher_ckpt).name}, {count} {cfg.dataset} val images",
+        source=f"student {_short(student_ckpt)}, teacher {_short(teacher_ckpt)}, {count} {cfg.dataset} val images",
         mu=mu,
         beta=beta,
         tau=tau,

@@ -249,7 +249,7 @@ def table_rows(runs: Sequence[Run], per_run: bool) -> list[list[Run]]:
     """
     rows: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
-        key = (run.dataset, run.student, run.method)
+        key: tuple[str, ...] = (run.dataset, run.student, run.method)
         if per_run or UNKNOWN in key:
             key = (*key, str(run.metrics_path))
         rows.setdefault(key, []).append(run)
