@@ -54,30 +54,32 @@ def forward(
     """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
     num_rows, row_length = student.shape
     dtype = compute_dtype(student.dtype)
-    kl = torch.empty(num_rows, dtype=dtype, device=student.device)
-    lse_s = torch.empty_like(kl)
-    lse_t = torch.empty_like(kl)
-    sqdist = torch.empty_like(kl) if need_sqdist else None
+    sqdist = torch.empty(num_rows, dtype=dtype, device=student.device) if need_sqdist else None
     inv_tau = _inverse(tau, dtype, student.device)
+    # max_i (x_i / tau) = (max_i x_i) / tau exactly (rounding is monotone): one reduction over the input.
+    max_s = torch.mul(student.amax(dim=1), inv_tau)
+    max_t = torch.mul(teacher.amax(dim=1), inv_tau)
+    top_s, top_t, cross = (torch.empty_like(max_s) for _ in range(3))
+    # Few operations per block (the per-operation overhead dominates on CPU); per-row results are
+    # written in place and combined once after the loop.
     for rows in _row_blocks(num_rows, row_length, student.device):
-        # Four block temporaries at most: s, t and their softmaxes. torch.softmax is one fused,
-        # vectorised kernel; lse = max + log(sum exp(x - max)) = max - log(max_i p_i), as the largest
-        # p_i is exp(0) / sum.
+        # Four block temporaries at most: s, t and their softmaxes (torch.softmax is one fused, vectorised kernel).
         s = torch.mul(student[rows], inv_tau)
         t = torch.mul(teacher[rows], inv_tau)
         p_s = torch.softmax(s, dim=1)
         p_t = torch.softmax(t, dim=1)
-        lse_s_block = s.amax(dim=1) - p_s.amax(dim=1).log_()
-        lse_t_block = t.amax(dim=1) - p_t.amax(dim=1).log_()
-        # KL = sum_i p_T,i (log p_T,i - log p_S,i) = sum_i p_T,i (t_i - s_i) - (lse_T - lse_S), as sum_i p_T,i = 1.
-        # For near-equal rows the two terms cancel and rounding (~1e-7 * lse) can leave a tiny negative
-        # number; KL >= 0, so clamp it.
-        cross = t.sub_(s).mul_(p_t).sum(dim=1)
-        kl[rows] = (cross - (lse_t_block - lse_s_block)).clamp_min_(0)
-        lse_s[rows] = lse_s_block
-        lse_t[rows] = lse_t_block
+        torch.amax(p_s, dim=1, out=top_s[rows])
+        torch.amax(p_t, dim=1, out=top_t[rows])
+        torch.sum(t.sub_(s).mul_(p_t), dim=1, out=cross[rows])
         if sqdist is not None:
-            sqdist[rows] = p_s.sub_(p_t).square_().sum(dim=1)
+            torch.sum(p_s.sub_(p_t).square_(), dim=1, out=sqdist[rows])
+    # lse = max + log(sum_i exp(x_i - max)) = max - log(max_i p_i), as the largest p_i is exp(0) / sum.
+    lse_s = max_s.sub_(top_s.log_())
+    lse_t = max_t.sub_(top_t.log_())
+    # KL = sum_i p_T,i (log p_T,i - log p_S,i) = sum_i p_T,i (t_i - s_i) - (lse_T - lse_S), as sum_i p_T,i = 1.
+    # For near-equal rows the two terms cancel and rounding (~1e-7 * lse) can leave a tiny negative
+    # number; KL >= 0, so clamp it.
+    kl = cross.sub_(lse_t - lse_s).clamp_min_(0)
     return kl, sqdist, lse_s, lse_t
 
 
@@ -87,11 +89,11 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
     dtype = lse_s.dtype
     grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     inv_tau = _inverse(tau, dtype, student.device)
-    scale = grad_kl.to(dtype) * inv_tau
+    scale = (grad_kl.to(dtype) * inv_tau)[:, None]
     for rows in _row_blocks(num_rows, row_length, student.device):
         # exp(x / tau - lse) is the softmax of x / tau: the fused kernel is faster than sub_ + exp_.
         p_s = torch.softmax(torch.mul(student[rows], inv_tau), dim=1)
         p_t = torch.softmax(torch.mul(teacher[rows], inv_tau), dim=1)
         # Scaled in the compute dtype, rounded once while written into the gradient.
-        torch.mul(p_s.sub_(p_t), scale[rows, None], out=grad_student[rows])
+        torch.mul(p_s.sub_(p_t), scale[rows], out=grad_student[rows])
     return grad_student
