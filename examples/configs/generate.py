@@ -265,15 +265,19 @@ def synthetic_config(method: str) -> str:
             ("kd_weight", weight, ""),
         ]
     body += [
-        ("max_iters", 300, ""),
+        (
+            "max_iters",
+            2000 if teacher else 300,
+            "the teacher trains longer: a clearly stronger teacher" if teacher else "",
+        ),
         ("batch_size", 8, ""),
         ("lr", 0.05, "higher than the paper's 0.01: tiny models trained from scratch"),
         ("momentum", 0.9, ""),
         ("weight_decay", 0.0001, ""),
         ("poly_power", 0.9, ""),
         ("aux_weight", 0.4, ""),
-        ("eval_every", 100, ""),
-        ("log_every", 20, ""),
+        ("eval_every", 500 if teacher else 100, ""),
+        ("log_every", 100 if teacher else 20, ""),
         ("seed", 0, ""),
         ("out", f"runs/synthetic/{method}", ""),
     ]

@@ -53,6 +53,7 @@ class TrainConfig:
     synthetic_length: int = 64
     synthetic_val_length: int = 16
     synthetic_size: int = 64
+    synthetic_classes: int = 8
     label_out_of_range: str = "error"  # "error" or "ignore" (count such pixels as ignore_index)
     # models
     student: str = "deeplabv3_r18"

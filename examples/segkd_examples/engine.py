@@ -220,15 +220,19 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     """The dataset info, training set and validation set of ``cfg`` (roots checked at start-up)."""
     from segkd_examples.data import build_dataset, check_dataset_root, dataset_info
 
-    info = dataset_info(cfg.dataset)
+    synthetic = cfg.dataset == "synthetic"
+    info = (
+        dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes) if synthetic else dataset_info(cfg.dataset)
+    )
     if cfg.dataset != "synthetic":
         if not cfg.data_root:
             raise ConfigError(f"`dataset: {cfg.dataset}` needs --data-root (the folder described in docs/datasets.md).")
         check_dataset_root(cfg.dataset, cfg.data_root, "train")
         check_dataset_root(cfg.dataset, cfg.data_root, "val")
     common: dict[str, Any] = {"seed": cfg.seed}
-    if cfg.dataset == "synthetic":
+    if synthetic:
         common["synthetic_size"] = cfg.synthetic_size
+        common["synthetic_classes"] = cfg.synthetic_classes
     train_set = build_dataset(
         cfg.dataset,
         cfg.data_root,

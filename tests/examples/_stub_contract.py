@@ -74,7 +74,7 @@ class DatasetInfo:
 DATASETS = ("cityscapes", "ade20k", "cocostuff", "synthetic")
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def dataset_info(name: str, **kwargs) -> DatasetInfo:
     return DatasetInfo(name, 4, ("a", "b", "c", "d"))
 
 
