@@ -25,7 +25,7 @@ Usage::
 
     python examples/plot_hwd_weights.py --out docs/img                    # the pictures of docs/hwd.md
     python examples/plot_hwd_weights.py --out runs/demo \
-        --student-ckpt runs/demo/hwd/best.pt --teacher-ckpt runs/demo/teacher/best.pt
+        --student-ckpt runs/demo/hwd_seed0/best.pt --teacher-ckpt runs/demo/teacher/best.pt
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,60 @@ def test_relative_links_point_to_existing_files(path: Path) -> None:
         if file_part and not (path.parent / file_part).exists():
             broken.append(target)
     assert not broken, f"{path.relative_to(ROOT)} links to missing files: {broken}"
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+def test_hwd_page_examples_print_what_they_say(capsys: pytest.CaptureFixture[str]) -> None:
+    blocks = python_blocks(DOCS / "hwd.md")
+    assert blocks
+    namespace: dict[str, object] = {"__name__": "docs_hwd"}
+    for block in blocks:
+        exec(compile(block, str(DOCS / "hwd.md"), "exec"), namespace)
+    output = capsys.readouterr().out.splitlines()
+    expected = re.findall(r"print\(.*\)\s+# (.+)$", "\n".join(blocks), flags=re.MULTILINE)
+    assert expected
+    assert [line.strip() for line in output] == [e.strip() for e in expected]
+
+
+def train_commands(path: Path) -> list[list[str]]:
+    """The arguments after ``examples/train_ddp.py`` of every command line in the page's bash blocks."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE):
+        for line in block.splitlines():
+            if "examples/train_ddp.py" not in line or "${" in line:  # loop bodies use shell variables
+                continue
+            args = shlex.split(line.split("examples/train_ddp.py", 1)[1], comments=True)
+            commands.append([arg.replace("$DATA", "/data").replace("$CKPT", "/ckpt") for arg in args])
+    return commands
+
+
+def test_reproduce_commands_parse_and_match_their_configs() -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        train_ddp = importlib.import_module("train_ddp")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    commands = train_commands(DOCS / "reproduce.md")
+    configs = sorted(p.name for p in (ROOT / "examples" / "configs").glob("*.yaml") if "synthetic" not in p.name)
+    used = sorted(Path(args[args.index("--config") + 1]).name for args in commands)
+    assert used == configs, "docs/reproduce.md must have one command per real-dataset config"
+    for args in commands:
+        cfg = train_ddp.resolve_config(train_ddp.build_parser().parse_args(args))
+        name = Path(args[args.index("--config") + 1]).stem
+        dataset, rest = name.split("_", 1)
+        assert cfg.dataset == dataset, name
+        assert cfg.data_root is not None, name
+        assert cfg.student_pretrained is not None, name
+        if cfg.train_teacher:
+            assert rest == f"{cfg.teacher}_teacher", name
+            assert cfg.student_pretrained.endswith("resnet101-imagenet.pth"), name
+        else:
+            assert rest == f"{cfg.student}_{cfg.method}", name
+            backbone = "mobilenetv2" if "mbv2" in cfg.student else "resnet18"
+            assert cfg.student_pretrained.endswith(f"{backbone}-imagenet.pth"), name
+            assert (cfg.teacher_ckpt is None) == (cfg.method == "none"), name
+            if cfg.teacher_ckpt is not None and cfg.dataset != "cityscapes":
+                assert cfg.teacher_ckpt == f"runs/{cfg.dataset}/teacher_deeplabv3_r101/best.pt", name
