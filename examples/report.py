@@ -41,6 +41,26 @@ BASELINE_METHOD = "none"
 TEACHER_METHOD = "teacher"
 UNKNOWN = "unknown"
 
+#: Published mIoU (%) of the HWD paper's complete comparison (Table II of its supplementary material, latest
+#: revision): (dataset, model, method) -> mIoU. The COCO-Stuff numbers average the IoU over 182 class ids, 11 of
+#: which never occur (see docs/reproduce.md). docs/reproduce.md shows the same numbers (a test checks).
+PUBLISHED: dict[tuple[str, str, str], float] = {
+    ("cityscapes", "deeplabv3_r101", "teacher"): 78.07,
+    ("ade20k", "deeplabv3_r101", "teacher"): 42.46,
+    ("cocostuff", "deeplabv3_r101", "teacher"): 35.31,
+    **{
+        (dataset, student, method): value
+        for (dataset, student), values in {
+            ("cityscapes", "deeplabv3_r18"): (71.78, 72.79, 72.20, 73.57, 72.23, 71.98, 71.79, 74.72),
+            ("ade20k", "deeplabv3_r18"): (29.86, 31.05, 29.87, 32.90, 30.47, 31.68, 30.32, 33.85),
+            ("ade20k", "deeplabv3_mbv2"): (27.16, 26.96, 26.03, 29.19, 27.39, 28.69, 27.39, 31.07),
+            ("ade20k", "pspnet_r18"): (31.64, 31.30, 31.58, 33.43, 31.36, 32.34, 32.10, 34.37),
+            ("cocostuff", "deeplabv3_r18"): (26.05, 25.94, 25.14, 26.17, 25.85, 26.51, 26.44, 26.76),
+        }.items()
+        for method, value in zip(METHOD_ORDER[1:], values, strict=True)
+    },
+}
+
 #: Keys of a training record that are not loss terms.
 NON_LOSS_KEYS = frozenset({"kind", "iter", "lr", "images_per_s"})
 
@@ -280,8 +300,8 @@ def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[st
     mIoU when more than one.
     """
     lines = [
-        "| dataset | student | method | mIoU (%) | delta | runs | iterations | folder |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| dataset | student | method | mIoU (%) | delta | runs | iterations | paper (%) | folder |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         first = row[0]
@@ -303,9 +323,11 @@ def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[st
         if any(run.in_progress for run in row):
             iters_cell += " (running)"
         folders = ", ".join(f"`{run.metrics_path.parent}`" for run in row)
+        published = PUBLISHED.get((first.dataset, first.student, first.method))
+        paper_cell = f"{published:.2f}" if published is not None else ""
         lines.append(
             f"| {first.dataset} | {first.student} | {first.method} | {miou_cell} | {delta_cell} | {runs_cell} | "
-            f"{iters_cell} | {folders} |"
+            f"{iters_cell} | {paper_cell} | {folders} |"
         )
     return "\n".join(lines)
 
@@ -401,7 +423,9 @@ def write_report(
         f"mIoU: the {metric} evaluation of each run, in percent (`--metric {other}` for the {other} one), "
         "averaged over the runs of a row (several seeds; `--per-run` to list them apart). delta: mIoU points over "
         "the no-KD runs (`method: none`) of the same dataset and student, empty for the baseline and the teacher. "
-        "runs: how many, with their range. iterations: done/planned (the least advanced run of the row).",
+        "runs: how many, with their range. iterations: done/planned (the least advanced run of the row). "
+        "paper: the HWD paper's number for the row (its COCO-Stuff numbers average over 182 class ids, 11 of them "
+        "empty, so they read about 6% lower than a 171-class mIoU; see docs/reproduce.md).",
         "",
         "## Training curves",
         "",

@@ -140,3 +140,21 @@ def test_reproduce_commands_parse_and_match_their_configs() -> None:
             assert (cfg.teacher_ckpt is None) == (cfg.method == "none"), name
             if cfg.teacher_ckpt is not None and cfg.dataset != "cityscapes":
                 assert cfg.teacher_ckpt == f"runs/{cfg.dataset}/teacher_deeplabv3_r101/best.pt", name
+
+
+def test_published_numbers_agree_with_report_py() -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    table_row = re.compile(r"^\| [^|]+ \| [^|]+ \| \[(\w+)\.yaml\]\([^)]*\) \|[^|]*\|[^|]*\| ([^|]+) \|", re.MULTILINE)
+    found = {}
+    for name, published in table_row.findall((DOCS / "reproduce.md").read_text()):
+        dataset, rest = name.split("_", 1)
+        student, method = rest.rsplit("_", 1)
+        found[(dataset, student, method)] = published.strip()
+    assert len(found) == 72  # 3 datasets x 3 students x 8 methods
+    for key, cell in found.items():
+        expected = report.PUBLISHED.get(key)
+        assert cell == (f"{expected:.2f}" if expected is not None else "not in paper"), key

@@ -129,6 +129,11 @@ def test_table_rows_and_deltas(full_report: Path) -> None:
     assert rows[("ade20k", "deeplabv3_mbv2", "hwd")][:2] == ["31.07", "+3.91"]
     assert rows[("ade20k", "pspnet_r18", "dist")][:2] == ["32.34", "no baseline"]
     assert rows[("ade20k", "deeplabv3_r101", "teacher")][:2] == ["42.46", ""]
+    # the paper's number for the row, where the paper has one
+    assert rows[("cityscapes", "deeplabv3_r18", "hwd")][4] == "74.72"
+    assert rows[("ade20k", "deeplabv3_mbv2", "none")][4] == "27.16"
+    assert rows[("ade20k", "deeplabv3_r101", "teacher")][4] == "42.46"
+    assert rows[("unknown", "unknown", "unknown")][4] == ""
     # in progress, no evaluation yet: empty mIoU, marked running
     cwd = rows[("cityscapes", "deeplabv3_r18", "cwd")]
     assert cwd[:4] == ["", "", "1", "50/40000 (running)"]
