@@ -11,7 +11,9 @@ as JSON. Columns:
   included. CUDA: ``torch.cuda.max_memory_allocated``. CPU: growth of the process's resident set
   (RSS), sampled every ~0.2 ms by a thread, while glibc is told (``mallopt(M_MMAP_THRESHOLD, 64 KiB)``
   after a ``malloc_trim``) to map every block above 64 KiB on its own and unmap it when freed, so that
-  RSS follows the live tensors; timings run with a 32 MiB threshold, glibc's steady state.
+  RSS follows the live tensors; each CPU peak is measured in a fresh process (a clean heap, whatever ran
+  before; two warm-up calls, then the smallest of three), the timings in the main process with a 32 MiB
+  threshold, glibc's steady state.
 * CUDA only: ``gpu ms`` (median time of one replay of a CUDA graph that captured forward+backward:
   no launch gaps), ``floor ms`` (3 passes over one input tensor, read student, read teacher, write
   the gradient, at the copy bandwidth measured here), ``x floor`` (gpu ms / floor ms) and
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--impls", default="eager,compile,segkd-torch,segkd-triton")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: 50 CUDA, 5 CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--memory-child", nargs=4, metavar=("LOSS", "IMPL", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -331,9 +335,47 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
+def make_inputs(shape: tuple[int, ...], dtype: Any, device: str) -> tuple[Any, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(shape, generator=gen).mul_(3).to(device=device, dtype=dtype)
+    teacher = torch.randn(shape, generator=gen).mul_(3).to(device=device, dtype=dtype)
+    return student.requires_grad_(), teacher
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def memory_child(loss: str, impl: str, shape_text: str, dtype_name: str) -> None:
+    """Print the CPU peak of one implementation, measured in this fresh process."""
+    import torch
+
+    fn = implementations(loss, "cpu", [impl])[impl]
+    shape = tuple(int(v) for v in shape_text.split("x"))
+    student, teacher = make_inputs(shape, getattr(torch, DTYPES[dtype_name]), "cpu")
+    for _ in range(2):
+        fwd_bwd(fn, student, teacher)
+    print(peak_cpu_mib(fn, student, teacher))
+
+
+def peak_cpu_subprocess(loss: str, impl: str, shape: tuple[int, ...], dtype_name: str) -> float:
+    """CPU peak measured in a fresh process (a clean heap, whatever ran before)."""
+    shape_text = "x".join(map(str, shape))
+    command = [sys.executable, __file__, "--device", "cpu", "--memory-child", loss, impl, shape_text, dtype_name]
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     args = parse_args()
     import torch
+
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = SHAPES[args.shapes or ("all" if device == "cuda" else "small")]
@@ -356,10 +398,7 @@ def main() -> None:
         for shape in shapes:
             for dtype_name in args.dtypes.split(","):
                 dtype = dtypes[dtype_name]
-                gen = torch.Generator().manual_seed(0)
-                student = torch.randn(shape, generator=gen).mul_(3).to(device=device, dtype=dtype)
-                teacher = torch.randn(shape, generator=gen).mul_(3).to(device=device, dtype=dtype)
-                student.requires_grad_()
+                student, teacher = make_inputs(shape, dtype, device)
                 with torch.no_grad():
                     reference = float(impls["segkd-torch"](student, teacher)) if "segkd-torch" in impls else None
                 cpu_times = time_cpu(impls, student, teacher, repeats) if device == "cpu" else {}
@@ -371,7 +410,8 @@ def main() -> None:
                         figures["floor_ms"] = floor_ms
                         figures["x_floor"] = figures["gpu_ms"] / floor_ms
                     else:
-                        figures = {"wall_ms": cpu_times[impl_name], "peak_mib": peak_cpu_mib(fn, student, teacher)}
+                        peak = peak_cpu_subprocess(loss_name, impl_name, shape, dtype_name)
+                        figures = {"wall_ms": cpu_times[impl_name], "peak_mib": peak}
                     with torch.no_grad():
                         value = float(fn(student, teacher))
                     rel = abs(value - reference) / abs(reference) if reference else float("nan")
