@@ -205,3 +205,21 @@ def test_out_of_range_labels(tmp_path, monkeypatch):
         engine.train(tiny_config(tmp_path / "a", max_iters=1), DistInfo())
     # counted as ignore when the user asks for it
     engine.train(tiny_config(tmp_path / "b", max_iters=1, label_out_of_range="ignore"), DistInfo())
+
+
+def test_real_dataset_without_root(tmp_path):
+    with pytest.raises(ConfigError, match=r"`dataset: cityscapes` needs --data-root"):
+        engine.train(tiny_config(tmp_path, dataset="cityscapes"), DistInfo())
+
+
+def test_missing_dataset_root_fails_at_start_up(tmp_path):
+    import segkd_examples.data as data
+
+    if not hasattr(data, "find_samples"):  # the contract stand-in, before the dataset package lands
+        pytest.skip("the dataset package is not installed in this checkout")
+    root = tmp_path / "cityscapes"
+    (root / "leftImg8bit" / "train").mkdir(parents=True)  # partially extracted: no gtFine, no images
+    cfg = tiny_config(tmp_path / "out", dataset="cityscapes", data_root=str(root), student="tiny_student")
+    with pytest.raises(data.DatasetRootError, match=str(root)):
+        engine.train(cfg, DistInfo())
+    assert not (tmp_path / "out" / "config.yaml").exists()  # nothing started
