@@ -175,7 +175,15 @@ def fabricated_weights(
     tau: float = PAPER_TAU,
     seed: int = 0,
 ) -> BatchWeights:
-    """HWD weights of fabricated teacher/student logits (see the module docstring); deterministic by ``seed``."""
+    """HWD weights of fabricated teacher/student logits (see the module docstring); deterministic by ``seed``.
+
+    Raises:
+        ValueError: ``num_images`` < 1, ``num_classes`` < 3 or ``size`` < 8.
+    """
+    if num_images < 1 or num_classes < 3 or size < 8:
+        raise ValueError(
+            f"Expected num_images >= 1, num_classes >= 3 and size >= 8, got {num_images}, {num_classes} and {size}."
+        )
     gen = torch.Generator().manual_seed(seed)
     hard = list(range(2, num_classes, 3))
     teacher = torch.empty(num_images, num_classes, size, size)

@@ -78,6 +78,18 @@ def test_fabricated_batch_favours_the_hard_classes() -> None:
     assert torch.equal(batch.weights, again.weights)
 
 
+@pytest.mark.parametrize("classes", [3, 4, 40])
+def test_fabricated_batch_any_class_count(classes: int) -> None:
+    batch = plot.fabricated_weights(num_images=2, num_classes=classes, size=8)
+    assert batch.weights.shape == (2, classes)
+    assert bool(torch.isfinite(batch.weights).all())
+
+
+def test_fabricated_batch_rejects_too_few_classes() -> None:
+    with pytest.raises(ValueError, match="num_classes >= 3"):
+        plot.fabricated_weights(num_classes=2)
+
+
 def test_mu_flattens_the_weights() -> None:
     sharp = plot.fabricated_weights(num_images=4, mu=0.0).weights
     flat = plot.fabricated_weights(num_images=4, mu=2.0).weights
