@@ -457,7 +457,7 @@ def skd_discriminator_hinge_loss(real_scores: Tensor, fake_scores: Tensor) -> Te
         - output: scalar.
 
     Returns:
-        The loss (same dtype as the scores).
+        The loss, in fp32 (fp64 for fp64 scores).
 
     Raises:
         TypeError: non-tensor or integer scores.
@@ -475,7 +475,8 @@ def skd_discriminator_hinge_loss(real_scores: Tensor, fake_scores: Tensor) -> Te
     _check_scores(fake_scores, "fake_scores")
     _checks.check_same_shape(real_scores, fake_scores, "real_scores", "fake_scores")
     _checks.check_same_device(real_scores, fake_scores, "real_scores", "fake_scores")
-    return F.relu(1.0 - real_scores).mean() + F.relu(1.0 + fake_scores).mean()
+    dtype = _compute_dtype(fake_scores)  # fp32 for half scores: the sum of two fp16 means can overflow
+    return F.relu(1.0 - real_scores.to(dtype)).mean() + F.relu(1.0 + fake_scores.to(dtype)).mean()
 
 
 # --------------------------------------------------------------------------------------------------
