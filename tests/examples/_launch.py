@@ -1,4 +1,4 @@
-"""Run examples/train_ddp.py in a test subprocess (plain python or torchrun), with contract stubs when needed.
+"""Run examples/train_ddp.py in a test subprocess (plain python or torchrun).
 
 Fault injection for the tests only: ``SEGKD_TEST_FAIL_RANK=R`` and ``SEGKD_TEST_FAIL_ITER=K`` make rank ``R``
 raise ``RuntimeError`` in its training step at iteration ``K`` (0-based); ``SEGKD_TEST_STEP_SLEEP=S`` sleeps ``S``
@@ -13,11 +13,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(HERE))
-
-import _stub_contract  # noqa: E402
-
-_stub_contract.install_if_missing()
 
 if "SEGKD_TEST_FAIL_RANK" in os.environ:
     from segkd_examples import engine

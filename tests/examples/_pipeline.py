@@ -9,12 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import _stub_contract
 import torch
 
-_stub_contract.install_if_missing()
-
-from segkd_examples.config import TrainConfig, config_from_dict  # noqa: E402
+from segkd_examples.config import TrainConfig, config_from_dict
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
