@@ -406,6 +406,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         ckpt.load_state_dict_strict(distiller, state["distiller"], path=resume_path, what="resume checkpoint")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The schedule's length and power are those of this run's config (load_state_dict restored the saved ones).
+        scheduler.lr_lambdas[0] = PolyDecay(cfg.max_iters, cfg.poly_power)
         scaler.load_state_dict(state["scaler"])
         if disc_optimizer is not None:  # the discriminator's weights are part of the distiller's state
             disc_optimizer.load_state_dict(state["disc_optimizer"])

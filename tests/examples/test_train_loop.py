@@ -223,3 +223,13 @@ def test_missing_dataset_root_fails_at_start_up(tmp_path):
     with pytest.raises(data.DatasetRootError, match=str(root)):
         engine.train(cfg, DistInfo())
     assert not (tmp_path / "out" / "config.yaml").exists()  # nothing started
+
+
+def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
+    engine.train(tiny_config(tmp_path, max_iters=2), DistInfo())
+    engine.train(tiny_config(tmp_path, max_iters=4, resume="auto"), DistInfo())
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["iter"]: r["lr"] for r in records if r["kind"] == "train"}
+    assert lrs[3] == pytest.approx(0.05 * (1 - 2 / 4) ** 0.9)
+    assert lrs[4] == pytest.approx(0.05 * (1 - 3 / 4) ** 0.9)
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
