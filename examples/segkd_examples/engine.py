@@ -408,6 +408,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         # The schedule's length and power are those of this run's config (load_state_dict restored the saved ones).
         scheduler.lr_lambdas[0] = PolyDecay(cfg.max_iters, cfg.poly_power)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         scaler.load_state_dict(state["scaler"])
         if disc_optimizer is not None:  # the discriminator's weights are part of the distiller's state
             disc_optimizer.load_state_dict(state["disc_optimizer"])
