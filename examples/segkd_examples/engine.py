@@ -543,9 +543,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             record["lr"] = lr_used
             record["images_per_s"] = window_iters * cfg.batch_size / max(elapsed, 1e-9)
             log.write(record)
-            if not progress.active and dist.is_main:
+            if dist.is_main:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k not in ("kind", "iter"))
-                print(f"iter {done}/{cfg.max_iters}: {shown}", flush=True)
+                progress.write(f"iter {done}/{cfg.max_iters}: {shown}")
             window_start, window_iters = time.perf_counter(), 0
 
         if done % cfg.eval_every == 0 or done == cfg.max_iters:
