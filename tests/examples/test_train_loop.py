@@ -233,3 +233,41 @@ def test_resume_with_more_iterations_follows_the_new_schedule(tmp_path):
     assert lrs[3] == pytest.approx(0.05 * (1 - 2 / 4) ** 0.9)
     assert lrs[4] == pytest.approx(0.05 * (1 - 3 / 4) ** 0.9)
     assert ckpt.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
+
+
+def _evaluate_script():
+    import importlib.util
+
+    from _pipeline import ROOT
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "examples" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_reproduces_the_runs_best_miou(tmp_path):
+    result = engine.train(tiny_config(tmp_path, max_iters=4, eval_every=2), DistInfo())
+    evaluate = _evaluate_script()
+    out = evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--json", str(tmp_path / "eval.json")])
+    assert out["miou"] == pytest.approx(result["best_miou"], abs=1e-12)
+    assert json.loads((tmp_path / "eval.json").read_text())["model"] == "tiny_student"
+    slide = evaluate.main(
+        ["--checkpoint", str(tmp_path / "best.pt"), "--eval-mode", "slide", "--eval-crop", "16", "16"]
+    )
+    assert 0.0 <= slide["miou"] <= 1.0
+
+
+def test_evaluate_script_needs_model_and_dataset_for_a_plain_state_dict(tmp_path):
+    from segkd_examples.config import ConfigError
+
+    engine.train(tiny_config(tmp_path, max_iters=1), DistInfo())
+    plain = tmp_path / "plain.pt"
+    torch.save(ckpt.load_checkpoint(tmp_path / "best.pt")["model"], plain)
+    evaluate = _evaluate_script()
+    with pytest.raises(ConfigError, match="pass --model and --dataset"):
+        evaluate.main(["--checkpoint", str(plain)])
+    out = evaluate.main(
+        ["--checkpoint", str(plain), "--model", "tiny_student", "--dataset", "synthetic", "--set", "synthetic_size=32"]
+    )
+    assert 0.0 <= out["miou"] <= 1.0
