@@ -21,6 +21,7 @@ large maps. Each failure found here was fixed in the loss and pinned in ``test_r
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -155,14 +156,43 @@ def _backward_and_check(
     assert student.grad is not None, f"no gradient reached the student for {case}"
     if finite_grad:
         _check_finite(student.grad, "student gradient", case)
+    else:
+        event("fp16: exact gradient beyond fp16 range, finiteness not checked")
     if teacher is not None:
         assert teacher.grad is None, f"the teacher received a gradient for {case}"
     return student.grad
 
 
-def _describe(student: Tensor, relation: str = "", **extra: object) -> str:
+def _describe(student: Tensor, relation: str = "", labels: Tensor | None = None, **extra: object) -> str:
+    """A one-line description of the case for failure messages; also tallies its kind for the statistics.
+
+    The ``event`` calls show in ``pytest --hypothesis-show-statistics`` as the share of cases of each kind
+    (dtype, relation, ``C == 1``, one-pixel images, all-ignored labels, magnitude), the coverage figures of
+    docs/reliability.md.
+    """
+    largest = student.detach().double().abs().max().item()
+    event(f"dtype {str(student.dtype).removeprefix('torch.')}")
+    if relation:
+        event(f"student-teacher {relation}")
+    if student.dim() > 1 and student.shape[1] == 1:
+        event("C == 1")
+    if student.dim() > 2 and math.prod(student.shape[2:]) == 1:
+        event("one-pixel image")
+    event("max|x| >= 1e3" if largest >= 1e3 else "max|x| <= 1e-3" if largest <= 1e-3 else "1e-3 < max|x| < 1e3")
+    if labels is not None:
+        ignored = labels == 255
+        event(
+            "labels all ignored"
+            if ignored.all()
+            else "labels none ignored"
+            if not ignored.any()
+            else "labels some ignored"
+        )
+        kept = labels[~ignored]
+        if kept.numel() > 0 and (kept == kept.flatten()[0]).all():
+            event("labels single class")
     settings_text = ", ".join(f"{key}={value}" for key, value in extra.items())
-    return f"{tuple(student.shape)} {student.dtype} {relation} max|x|={student.abs().max().item():.3g} {settings_text}"
+    return f"{tuple(student.shape)} {student.dtype} {relation} max|x|={largest:.3g} {settings_text}"
 
 
 FP16_GRAD_LIMIT = 3e4  # half of fp16's largest value (65504): room for the rounding of a sum
@@ -360,7 +390,7 @@ def test_pixel_kd(
     n, c, h, w = raw_student.shape
     labels, kind = label_data.draw(labels_for((n, h, w), c)) if use_labels else (None, "none")
     student, teacher = _leaves(raw_student, raw_teacher)
-    case = _describe(student, relation, tau=tau, reduction=reduction, labels=kind)
+    case = _describe(student, relation, tau=tau, reduction=reduction, labels=labels, label_kind=kind)
     loss = pixel_kd_loss(student, teacher, tau, labels, reduction=reduction)  # type: ignore[arg-type]
     assert (loss >= 0).all(), f"negative pixel KD for {case}"
     grad = _backward_and_check(loss, student, teacher, case)
@@ -439,7 +469,9 @@ def test_ifvd(
     n, _, h, w = raw_student.shape
     labels, kind = label_data.draw(labels_for((n, h * label_scale, w * label_scale), num_classes))
     student, teacher = _leaves(raw_student, raw_teacher)
-    case = _describe(student, relation, num_classes=num_classes, labels=kind, label_scale=label_scale)
+    case = _describe(
+        student, relation, num_classes=num_classes, labels=labels, label_kind=kind, label_scale=label_scale
+    )
     loss = ifvd_loss(student, teacher, labels, num_classes, reduction=reduction)  # type: ignore[arg-type]
     assert (loss >= 0).all(), f"negative IFVD for {case}"
     fits = _fits_fp16(lambda s, t: ifvd_loss(s, t, labels, num_classes, reduction=reduction), raw_student, raw_teacher)  # type: ignore[arg-type]
@@ -515,6 +547,8 @@ def test_cirkd_minibatch(data: tuple[Tensor, Tensor, str], tau: float, pool: int
     fits = _fits_fp16(lambda s, t: cirkd_minibatch_loss(s, t, tau, pool, reduction), raw_student, raw_teacher)  # type: ignore[arg-type]
     grad = _backward_and_check(loss, student, teacher, case, finite_grad=fits)
     smallest = _min_vector_norm(raw_student, pool, "avg")
+    if relation == "equal" and smallest == 0:
+        event("equal inputs with a zero feature vector: zero-gradient check skipped")
     if relation == "equal" and smallest > 0:
         # Same log-softmax on both sides: only the rounding of sum p_T = 1 is left, scaled by 1 / tau and
         # by 1 / |f| through the normalisation. (At an exactly zero vector F.normalize's 1 / eps = 1e12
@@ -549,7 +583,9 @@ def test_cirkd_memory_kl(
     generator = torch.Generator().manual_seed(entry_seed)
     pixels, regions = (torch.nn.functional.normalize(torch.randn(m, d, generator=generator), dim=1) for m in sizes)
     student, teacher = _leaves(raw_student, raw_teacher)
-    case = _describe(student, relation, labels=kind, entries=sizes, contrast_tau=contrast_tau, kd_tau=kd_tau)
+    case = _describe(
+        student, relation, labels=labels, label_kind=kind, entries=sizes, contrast_tau=contrast_tau, kd_tau=kd_tau
+    )
     p2p, p2r = cirkd_memory_kl(student, teacher, labels, pixels, regions, contrast_tau, kd_tau)
     assert p2p.item() >= 0, f"negative CIRKD pixel-to-pixel loss for {case}"
     assert p2r.item() >= 0, f"negative CIRKD pixel-to-region loss for {case}"
@@ -613,7 +649,7 @@ def test_cirkd_modules_with_tiny_queues(
         labels, kind = label_data.draw(labels_for((n, 2 * h, 2 * w), num_classes))
         student, teacher = _leaves(raw_student, raw_teacher)
         student_logits, teacher_logits = _leaves(logits, logits.flip(0))
-        case = _describe(student, relation, step=step, labels=kind, memory=memory)
+        case = _describe(student, relation, step=step, labels=labels, label_kind=kind, memory=memory)
         total, terms = criterion(student_logits, teacher_logits, student, teacher, labels)
         for name, value in terms.items():
             _check_finite(value, f"term {name}", case)
@@ -650,7 +686,7 @@ def test_cirkd_memory_module_eval_mode(
     before = criterion.pixel_queue.clone()
     labels, kind = label_data.draw(labels_for((n, h, w), num_classes))
     student, teacher = _leaves(raw_student, raw_teacher)
-    case = _describe(student, relation, labels=kind)
+    case = _describe(student, relation, labels=labels, label_kind=kind)
     p2p, p2r = criterion(student, teacher, labels)
     _backward_and_check(p2p + p2r, student, teacher, case)
     assert torch.equal(before, criterion.pixel_queue), f"eval mode changed the queue for {case}"
