@@ -48,7 +48,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"metavar": "PATH", "help": "ImageNet backbone weights of the trained model"},
     ),
     "--method": ("method", {"choices": METHODS}),
-    "--kd-weight": ("kd_weight", {"type": float, "help": "lambda of the KD term"}),
+    "--kd-weight": ("kd_weight", {"type": float, "help": "lambda of the KD term (default: the paper's)"}),
     "--max-iters": ("max_iters", {"type": int}),
     "--batch-size": ("batch_size", {"type": int, "help": "GLOBAL batch size, split over the processes"}),
     "--crop-size": ("crop_size", {"type": int, "nargs": "+", "metavar": "N", "help": "H [W]"}),

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from segkd_examples.methods import HWD_MU, PAPER_DEFAULTS  # noqa: E402
 
 DATASETS: dict[str, dict[str, Any]] = {
-    "cityscapes": {"title": "Cityscapes (19 classes)", "mu": 1.0, "teacher_iters": 40000},
-    "ade20k": {"title": "ADE20K (150 classes)", "mu": 0.0, "teacher_iters": 80000},
-    "cocostuff": {"title": "COCO-Stuff-164k (171 classes)", "mu": 0.1, "teacher_iters": 80000},
+    "cityscapes": {"title": "Cityscapes (19 classes)", "teacher_iters": 40000},
+    "ade20k": {"title": "ADE20K (150 classes)", "teacher_iters": 80000},
+    "cocostuff": {"title": "COCO-Stuff-164k (171 classes)", "teacher_iters": 80000},
 }
 STUDENTS = ("deeplabv3_r18", "deeplabv3_mbv2", "pspnet_r18")
 STUDENT_BACKBONES = {
@@ -31,75 +34,42 @@ TEACHER_CKPT = {
     "cocostuff": "best.pt of examples/configs/cocostuff_deeplabv3_r101_teacher.yaml",
 }
 
-# method -> (kd_weight, kd parameters, comment lines naming the source)
-METHODS: dict[str, tuple[float, dict[str, Any], list[str]]] = {
-    "none": (0.0, {}, ["Baseline student: cross-entropy + 0.4 aux cross-entropy, no distillation."]),
-    "hwd": (
-        3.0,
-        {"tau": 4.0, "beta": 0.1, "mu": None},
-        [
-            "HWD: W. Sun et al., 'Holistic Weighted Distillation for Semantic Segmentation', ICME 2023.",
-            "lambda = 3, tau = 4, beta = 0.1; mu per dataset (Table I): ADE20K 0, Cityscapes 1, COCO-Stuff 0.1.",
-        ],
-    ),
-    "cwd": (
-        3.0,
-        {"tau": 4.0},
-        [
-            "CWD: C. Shu et al., 'Channel-wise Knowledge Distillation for Dense Prediction', ICCV 2021.",
-            "On the logits: tau = 4, loss weight 3 (the paper's segmentation setting; CIRKD's --lambda-cwd-logit 3).",
-        ],
-    ),
-    "dist": (
-        1.0,
-        {"beta": 1.0, "gamma": 1.0, "tau": 1.0},
-        [
-            "DIST: T. Huang et al., 'Knowledge Distillation from A Stronger Teacher', NeurIPS 2022.",
-            "Segmentation setting of the paper: beta = gamma = 1, tau = 1, loss weight 1.",
-        ],
-    ),
-    "skd": (
-        1.0,
-        {
-            "pairwise_weight": 10.0,
-            "pixel_weight": 1.0,
-            "adversarial_weight": 0.001,
-            "discriminator_weight": 0.1,
-            "disc_lr": 0.0004,
-            "disc_betas": [0.9, 0.99],
-        },
-        [
-            "SKD: Y. Liu et al., 'Structured Knowledge Distillation for Dense Prediction', TPAMI 2020.",
-            "Weights of the CIRKD re-implementation used in HWD's comparison: pair-wise 10, pixel-wise 1,",
-            "adversarial 0.001, discriminator 0.1; discriminator trained by Adam lr 4e-4, betas (0.9, 0.99).",
-        ],
-    ),
-    "ifvd": (
-        200.0,
-        {},
-        [
-            "IFVD: Y. Wang et al., 'Intra-class Feature Variation Distillation for Semantic Segmentation', ECCV 2020.",
-            "IFV term on the pre-classifier features at weight 200 (the paper's; CIRKD's --lambda-ifv 200).",
-        ],
-    ),
-    "mgd": (
-        1.0,
-        {"alpha": 2.0e-5, "mask_ratio": 0.75},
-        [
-            "MGD: Z. Yang et al., 'Masked Generative Distillation', ECCV 2022.",
-            "Segmentation setting of the paper: alpha = 2e-5 (inside the loss), mask ratio 0.75; the generator",
-            "is trained with the student's optimizer.",
-        ],
-    ),
-    "cirkd": (
-        1.0,
-        {"kd_weight": 1.0, "minibatch_weight": 1.0, "memory_pixel_weight": 0.1, "memory_region_weight": 0.1},
-        [
-            "CIRKD: C. Yang et al., 'Cross-Image Relational Knowledge Distillation for Semantic Segmentation',",
-            "CVPR 2022. The authors' script: pixel KD 1 (tau 1), mini-batch 1, memory pixel 0.1, memory region 0.1;",
-            "the projection head is trained with the student's optimizer.",
-        ],
-    ),
+# method -> comment lines naming the source of its weight and parameters (values: methods.PAPER_DEFAULTS)
+SOURCES: dict[str, list[str]] = {
+    "none": [
+        "Baseline student: cross-entropy + 0.4 aux cross-entropy, no distillation.",
+    ],
+    "hwd": [
+        "HWD: W. Sun et al., 'Holistic Weighted Distillation for Semantic Segmentation', ICME 2023.",
+        "lambda = 3, tau = 4, beta = 0.1; mu per dataset (Table I): ADE20K 0, Cityscapes 1, COCO-Stuff 0.1.",
+    ],
+    "cwd": [
+        "CWD: C. Shu et al., 'Channel-wise Knowledge Distillation for Dense Prediction', ICCV 2021.",
+        "On the logits: tau = 4, loss weight 3 (the paper's segmentation setting; CIRKD's --lambda-cwd-logit 3).",
+    ],
+    "dist": [
+        "DIST: T. Huang et al., 'Knowledge Distillation from A Stronger Teacher', NeurIPS 2022.",
+        "Segmentation setting of the paper: beta = gamma = 1, tau = 1, loss weight 1.",
+    ],
+    "skd": [
+        "SKD: Y. Liu et al., 'Structured Knowledge Distillation for Dense Prediction', TPAMI 2020.",
+        "Weights of the CIRKD re-implementation used in HWD's comparison: pair-wise 10, pixel-wise 1,",
+        "adversarial 0.001, discriminator 0.1; discriminator trained by Adam lr 4e-4, betas (0.9, 0.99).",
+    ],
+    "ifvd": [
+        "IFVD: Y. Wang et al., 'Intra-class Feature Variation Distillation for Semantic Segmentation', ECCV 2020.",
+        "IFV term on the pre-classifier features at weight 200 (the paper's; CIRKD's --lambda-ifv 200).",
+    ],
+    "mgd": [
+        "MGD: Z. Yang et al., 'Masked Generative Distillation', ECCV 2022.",
+        "Segmentation setting of the paper: alpha = 2e-5 (inside the loss), mask ratio 0.75; the generator",
+        "is trained with the student's optimizer.",
+    ],
+    "cirkd": [
+        "CIRKD: C. Yang et al., 'Cross-Image Relational Knowledge Distillation for Semantic Segmentation',",
+        "CVPR 2022. The authors' script: pixel KD 1 (tau 1), mini-batch 1, memory pixel 0.1, memory region 0.1;",
+        "the projection head is trained with the student's optimizer.",
+    ],
 }
 
 COMMON_HEADER = [
@@ -164,10 +134,11 @@ def _optim_body(iters: int, eval_every: int) -> list[tuple[str, Any, str]]:
 
 
 def student_config(dataset: str, student: str, method: str) -> str:
-    weight, kd, source = METHODS[method]
+    weight, kd = PAPER_DEFAULTS[method]
+    source = SOURCES[method]
     kd = dict(kd)
-    if "mu" in kd:
-        kd["mu"] = DATASETS[dataset]["mu"]
+    if method == "hwd":
+        kd["mu"] = HWD_MU[dataset]
     header = [
         f"Table II row: {DATASETS[dataset]['title']}, student {student}, method {method}.",
         *COMMON_HEADER,
@@ -223,10 +194,11 @@ SYNTHETIC_METHOD_KD: dict[str, dict[str, Any]] = {
 
 def synthetic_config(method: str) -> str:
     teacher = method == "teacher"
-    weight, kd, source = METHODS["none" if teacher else method]
+    weight, kd = PAPER_DEFAULTS["none" if teacher else method]
+    source = SOURCES["none" if teacher else method]
     kd = dict(kd)
-    if "mu" in kd:
-        kd["mu"] = 1.0
+    if method == "hwd":
+        kd["mu"] = HWD_MU["synthetic"]
     kd.update(SYNTHETIC_METHOD_KD.get(method, {}))
     header = [
         "Synthetic demo/tests: tiny CPU models on procedurally generated 64x64 images (no download).",
@@ -290,9 +262,9 @@ def all_configs() -> dict[str, str]:
     for dataset in DATASETS:
         files[f"{dataset}_deeplabv3_r101_teacher.yaml"] = teacher_config(dataset)
         for student in STUDENTS:
-            for method in METHODS:
+            for method in PAPER_DEFAULTS:
                 files[f"{dataset}_{student}_{method}.yaml"] = student_config(dataset, student, method)
-    for method in ("teacher", *METHODS):
+    for method in ("teacher", *PAPER_DEFAULTS):
         files[f"synthetic_{method}.yaml"] = synthetic_config(method)
     return files
 

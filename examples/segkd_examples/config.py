@@ -65,7 +65,7 @@ class TrainConfig:
     sync_bn: bool = True
     # distillation
     method: str = "none"
-    kd_weight: float = 0.0
+    kd_weight: float | None = None  # None: the method's paper weight (segkd_examples.methods.PAPER_DEFAULTS)
     kd: dict[str, Any] = dataclasses.field(default_factory=dict)
     # optimisation
     max_iters: int = 40000
@@ -109,6 +109,8 @@ class TrainConfig:
                 raise ConfigError(f"Expected `{key}` to be >= 1, got {getattr(self, key)}.")
         if self.ckpt_every is not None and self.ckpt_every < 1:
             raise ConfigError(f"Expected `ckpt_every` to be >= 1 or null, got {self.ckpt_every}.")
+        if self.kd_weight is not None and not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
+            raise ConfigError(f"Expected `kd_weight` to be a finite number >= 0 or null, got {self.kd_weight}.")
         if self.workers < 0:
             raise ConfigError(f"Expected `workers` to be >= 0, got {self.workers}.")
         for key in ("lr", "dist_timeout"):

@@ -30,7 +30,7 @@ from segkd_examples import checkpoint as ckpt
 from segkd_examples.config import ConfigError, TrainConfig, config_to_dict
 from segkd_examples.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from segkd_examples.logging_utils import MetricsLog, Progress
-from segkd_examples.methods import Distiller, build_distiller, model_info
+from segkd_examples.methods import Distiller, build_distiller, model_info, resolve_kd
 from segkd_examples.metrics import check_label_range, evaluate, format_iou_table
 
 __all__ = [
@@ -358,6 +358,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     class_names = list(getattr(info, "class_names", [str(i) for i in range(num_classes)]))
 
     student, teacher = build_student_and_teacher(cfg, num_classes)
+    cfg.kd_weight, cfg.kd = resolve_kd(cfg.method, cfg.dataset, cfg.kd_weight, cfg.kd)  # recorded in config.yaml
     distiller = build_distiller(
         cfg.method, model_info(student), model_info(teacher) if teacher is not None else None, cfg
     )

@@ -28,7 +28,10 @@ __all__ = [
     "ModelInfo",
     "NoDistiller",
     "available_methods",
+    "HWD_MU",
+    "PAPER_DEFAULTS",
     "build_distiller",
+    "resolve_kd",
     "model_info",
 ]
 
@@ -278,6 +281,52 @@ _BUILDERS = {
 }
 
 
+#: Each method's loss weight (lambda) and loss parameters in its own paper's segmentation setting; the sources are
+#: named in examples/configs/generate.py, which writes these values into every config.
+PAPER_DEFAULTS: dict[str, tuple[float, dict[str, Any]]] = {
+    "none": (0.0, {}),
+    "hwd": (3.0, {"tau": 4.0, "beta": 0.1}),  # mu: per dataset, HWD_MU
+    "cwd": (3.0, {"tau": 4.0}),
+    "dist": (1.0, {"beta": 1.0, "gamma": 1.0, "tau": 1.0}),
+    "skd": (
+        1.0,
+        {
+            "pairwise_weight": 10.0,
+            "pixel_weight": 1.0,
+            "adversarial_weight": 0.001,
+            "discriminator_weight": 0.1,
+            "disc_lr": 0.0004,
+            "disc_betas": [0.9, 0.99],
+        },
+    ),
+    "ifvd": (200.0, {}),
+    "mgd": (1.0, {"alpha": 2.0e-5, "mask_ratio": 0.75}),
+    "cirkd": (
+        1.0,
+        {"kd_weight": 1.0, "minibatch_weight": 1.0, "memory_pixel_weight": 0.1, "memory_region_weight": 0.1},
+    ),
+}
+#: HWD's mu per dataset (HWD paper, Table I); the synthetic demo uses Cityscapes' value.
+HWD_MU = {"cityscapes": 1.0, "ade20k": 0.0, "cocostuff": 0.1, "synthetic": 1.0}
+
+
+def resolve_kd(
+    method: str, dataset: str, kd_weight: float | None, kd: Mapping[str, Any] | None
+) -> tuple[float, dict[str, Any]]:
+    """The KD weight and loss parameters of a run: the paper's defaults, overridden by the config's values.
+
+    ``kd_weight=None`` means the method's paper weight; ``kd`` entries replace the default parameters one by one.
+    """
+    if method not in PAPER_DEFAULTS:
+        raise ValueError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+    weight, params = PAPER_DEFAULTS[method]
+    params = dict(params)
+    if method == "hwd":
+        params["mu"] = HWD_MU.get(dataset, 0.0)
+    params.update(kd or {})
+    return (weight if kd_weight is None else float(kd_weight)), params
+
+
 _MODULES = {
     "hwd": "segkd.losses.hwd",
     "cwd": "segkd.losses.cwd",
@@ -308,7 +357,8 @@ def build_distiller(method: str, student_info: ModelInfo, teacher_info: ModelInf
         method: one of ``none, hwd, cwd, dist, skd, ifvd, mgd, cirkd``.
         student_info: the student's classes, feature channels and aux head.
         teacher_info: the same for the teacher (``None`` for ``method="none"``).
-        cfg: an object with ``kd_weight`` (float) and ``kd`` (mapping of loss parameters).
+        cfg: an object with ``dataset``, ``kd_weight`` (float, or ``None`` for the paper's weight) and ``kd``
+            (loss parameters that replace the paper's defaults, see :func:`resolve_kd`).
 
     Returns:
         The distiller module.
@@ -330,6 +380,5 @@ def build_distiller(method: str, student_info: ModelInfo, teacher_info: ModelInf
         )
     if method not in _BUILDERS:
         raise ImportError(f"Method {method!r} is not available in this installation of segkd.")
-    weight = float(cfg.kd_weight)
-    params = dict(cfg.kd or {})
+    weight, params = resolve_kd(method, getattr(cfg, "dataset", ""), cfg.kd_weight, cfg.kd)
     return _BUILDERS[method](weight, params, student_info, teacher_info)

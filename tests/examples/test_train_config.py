@@ -93,3 +93,14 @@ def test_cli_rejects_a_bad_config_without_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Expected `lr` to be a finite number > 0, got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_method_defaults_are_the_papers_and_config_values_override_them():
+    from segkd_examples.methods import resolve_kd
+
+    assert resolve_kd("hwd", "cityscapes", None, {}) == (3.0, {"tau": 4.0, "beta": 0.1, "mu": 1.0})
+    assert resolve_kd("hwd", "ade20k", None, {})[1]["mu"] == 0.0
+    assert resolve_kd("hwd", "cocostuff", 2.0, {"mu": 0.5}) == (2.0, {"tau": 4.0, "beta": 0.1, "mu": 0.5})
+    assert resolve_kd("cwd", "ade20k", None, None) == (3.0, {"tau": 4.0})
+    assert resolve_kd("ifvd", "ade20k", None, {})[0] == 200.0
+    assert resolve_kd("none", "ade20k", None, {}) == (0.0, {})
