@@ -110,3 +110,36 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     proc = run([PYTHON, str(LAUNCH), *cli_args(resumed)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_tensors(model_state(tmp_path / "straight" / "last.pt"), model_state(tmp_path / "killed" / "last.pt"))
+
+
+@pytest.mark.parametrize("method", ["mgd", "skd"])
+def test_torchrun_losses_with_trainable_parts(tmp_path, method):
+    # MGD's generator is in DDP with the student; SKD's discriminator has its own optimiser outside DDP.
+    teacher = tmp_path / "teacher"
+    size = 512 if method == "skd" else 32  # the SKD discriminator needs logits of at least 64x64
+    base = {"synthetic_size": size, "crop_size": [size, size], "synthetic_val_length": 2, "batch_size": 2}
+    proc = run(
+        [PYTHON, str(LAUNCH), *cli_args(tiny_config(teacher, train_teacher=True, max_iters=1, **base))], timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kd = {"conv_dim": 8} if method == "skd" else {}
+    cfg = tiny_config(
+        tmp_path / method,
+        method=method,
+        kd=kd,
+        teacher_ckpt=str(teacher / "best.pt"),
+        max_iters=2,
+        eval_every=2,
+        **base,
+    )
+    proc = run(torchrun_cmd(2, *cli_args(cfg)), timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    state = ckpt.load_checkpoint(tmp_path / method / "last.pt")
+    assert state["world_size"] == 2
+    assert any(k.startswith("loss.") for k in state["distiller"])
+    records = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(f"kd_{method}" in r for r in train)
+    if method == "skd":
+        assert state["disc_optimizer"]["state"]  # the discriminator took Adam steps
+        assert all("disc" in r for r in train)
