@@ -81,7 +81,7 @@ class PolyDecay:
         return max(0.0, 1.0 - step / self.max_iters) ** self.power
 
 
-class ShardedEpochSampler(DistributedSampler):  # type: ignore[type-arg]
+class ShardedEpochSampler(DistributedSampler[Any]):
     """``DistributedSampler`` (shuffled by ``seed + epoch``) that can start part-way into an epoch.
 
     ``set_start(k)`` makes the next iteration skip the first ``k`` indices of this rank's shard: the
@@ -310,7 +310,7 @@ def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoad
 # --------------------------------------------------------------------------------------------------- train
 
 
-class TrainResult(dict):  # type: ignore[type-arg]
+class TrainResult(dict[str, Any]):
     """``{"best_miou", "best_iter", "last_miou", "iterations", "images_per_s", "out"}`` of a finished run."""
 
 
@@ -366,10 +366,10 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    student.to(device, memory_format=memory_format)
+    student.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     distiller.to(device)
     if teacher is not None:
-        teacher.to(device, memory_format=memory_format)
+        teacher.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     discriminator = distiller.discriminator()
     if discriminator is not None:
         discriminator.to(device)
@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     trainable = [p for p in step_module.parameters() if p.requires_grad and id(p) not in disc_ids]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolyDecay(cfg.max_iters, cfg.poly_power))
-    disc_optimizer = distiller.discriminator_optimizer() if discriminator is not None else None  # type: ignore[attr-defined]
+    disc_optimizer = distiller.discriminator_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     autocast = autocast_factory(cfg.amp, device)
 

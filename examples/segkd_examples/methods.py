@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,15 +47,8 @@ class ModelInfo:
 
 def model_info(model: nn.Module) -> ModelInfo:
     """Read ``num_classes``, ``feature_channels`` and ``has_aux`` from a segmentation model."""
-    return ModelInfo(int(model.num_classes), int(model.feature_channels), bool(model.has_aux))
-
-
-class Outputs(NamedTuple):
-    """The fields of ``SegmentationOutput`` a distiller reads (any object with these attributes works)."""
-
-    logits: Tensor
-    aux_logits: Tensor | None
-    features: Tensor
+    attrs: Any = model
+    return ModelInfo(int(attrs.num_classes), int(attrs.feature_channels), bool(attrs.has_aux))
 
 
 class Distiller(nn.Module):
@@ -67,6 +60,10 @@ class Distiller(nn.Module):
 
     def discriminator(self) -> nn.Module | None:
         """The adversarial discriminator trained by its own optimizer, or ``None``."""
+        return None
+
+    def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
+        """The discriminator's own optimiser, or ``None``."""
         return None
 
     def discriminator_loss(self, student: Any, teacher: Any) -> Tensor:  # pragma: no cover - overridden
@@ -189,15 +186,18 @@ class _SKDDistiller(_BundleDistiller):
         self.disc_betas = (float(disc_betas[0]), float(disc_betas[1]))
 
     def discriminator(self) -> nn.Module | None:
-        return self.loss.discriminator  # type: ignore[no-any-return]
+        loss: Any = self.loss
+        return loss.discriminator
 
-    def discriminator_optimizer(self) -> torch.optim.Optimizer:
+    def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
         """Adam over the discriminator's parameters (CIRKD: lr 4e-4, betas (0.9, 0.99))."""
-        params = [p for p in self.loss.discriminator.parameters() if p.requires_grad]
+        disc = self.discriminator()
+        params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
         return torch.optim.Adam(params, lr=self.disc_lr, betas=self.disc_betas)
 
     def discriminator_loss(self, student: Any, teacher: Any) -> Tensor:
-        return self.weight * self.loss.discriminator_loss(student, teacher)  # type: ignore[no-any-return]
+        loss: Any = self.loss
+        return self.weight * loss.discriminator_loss(student, teacher)
 
 
 def _build_dist(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
