@@ -369,6 +369,11 @@ def peak_cpu_subprocess(loss: str, impl: str, shape: tuple[int, ...], dtype_name
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def write_json(path: str, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"machine": info, "results": results}, f, indent=1)
+
+
 def main() -> None:
     args = parse_args()
     import torch
@@ -425,6 +430,8 @@ def main() -> None:
                         "rel_err": rel,
                     }
                     results.append(row)
+                    if args.out:  # rewritten after every row: a run cut short keeps what it measured
+                        write_json(args.out, info, results)
                     cells = [loss_name, "x".join(map(str, shape)), dtype_name, impl_name]
                     cells += [f"{row['wall_ms']:.3f}", f"{row['peak_mib']:.1f}"]
                     if device == "cuda":
@@ -434,8 +441,7 @@ def main() -> None:
                     print(" | ".join(cells), flush=True)
                 del student, teacher
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=1)
+        write_json(args.out, info, results)
         print(f"wrote {args.out}")
 
 

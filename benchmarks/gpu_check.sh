@@ -9,7 +9,9 @@
 # It assumes a machine whose python3 already has a CUDA build of torch and Triton (the lent GPU
 # machines do, and cannot download anything). segkd is used from the source tree (PYTHONPATH=src),
 # so no install is needed; on a machine with internet, `pip install -e ".[test,triton]"` works too.
-# Steps that fail are reported and the script goes on, so one run gives every figure it can.
+# Steps that fail are reported and the script goes on, so one run gives every figure it can; the caps
+# (150 + 90 + 320 s) keep the whole run under the device tool's 600 s per command, and the benchmark
+# rewrites its JSON after every row, so a run cut short still leaves the rows it measured.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -32,9 +34,10 @@ try:
     print("triton", triton.__version__)
 except ImportError as error:
     print("triton missing:", error)
-import segkd, segkd.ops.channel_kl as ck
-print("segkd", segkd.__version__, "backends", ck.available_backends(),
-      "auto on cuda ->", ck.resolve_backend("auto", torch.device("cuda")))
+import segkd
+from segkd.ops import available_backends, resolve_backend
+print("segkd", segkd.__version__, "from", segkd.__file__, "backends", available_backends(),
+      "auto on cuda ->", resolve_backend("auto", torch.device("cuda")))
 EOF
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -44,17 +47,17 @@ if ! "$PY" -c "import torch, triton, pytest, hypothesis, sys; sys.exit(0 if torc
 fi
 
 echo "== 1. Triton backend tests on CUDA"
-timeout 240 "$PY" -m pytest tests/ops/test_channel_kl_triton.py -q -rs -p no:cacheprovider \
+timeout -k 10 150 "$PY" -m pytest tests/ops/test_channel_kl_triton.py -q -rs -p no:cacheprovider \
   > "$OUT/pytest_triton.log" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_triton.log"
 
 echo "== 2. ops and loss tests on CUDA (auto -> Triton)"
-timeout 180 "$PY" -m pytest tests/ops tests/losses -q -rs -p no:cacheprovider \
+timeout -k 10 90 "$PY" -m pytest tests/ops tests/losses -q -rs -p no:cacheprovider \
   --ignore=tests/ops/test_channel_kl_triton.py > "$OUT/pytest_ops_losses.log" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_ops_losses.log"
 
 echo "== 3. benchmark, all shapes"
-timeout "${BENCH_TIMEOUT:-420}" "$PY" benchmarks/bench_channel_kl.py --device cuda --shapes all \
+timeout -k 10 "${BENCH_TIMEOUT:-320}" "$PY" benchmarks/bench_channel_kl.py --device cuda --shapes all \
   --out "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" || status=1
 
 echo "gpu_check finished with status $status; outputs in $OUT"
