@@ -58,6 +58,23 @@ def test_torchrun_two_processes_with_evaluation(tmp_path):
     assert (out / "best.pt").is_file()
     assert "done: best mIoU" in proc.stdout
 
+    # The confusion matrix summed over 2 ranks (3 + 2 images) gives the single-process mIoU, and the one logged.
+    best = max((r for r in records if r["kind"] == "eval"), key=lambda r: r["miou"])
+    evaluate = str(ROOT / "examples" / "evaluate.py")
+    cmd = torchrun_cmd(2, "--checkpoint", str(out / "best.pt"), "--json", str(tmp_path / "two.json"))
+    cmd[cmd.index(str(LAUNCH))] = evaluate
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(
+        [PYTHON, evaluate, "--checkpoint", str(out / "best.pt"), "--json", str(tmp_path / "one.json")], timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert two["iou"] == one["iou"]
+    assert two["miou"] == pytest.approx(one["miou"], abs=1e-12)
+    assert one["miou"] == pytest.approx(best["miou"], abs=1e-12)
+
 
 def test_a_failing_rank_stops_the_job_with_its_message(tmp_path):
     cfg = tiny_config(tmp_path, max_iters=50, eval_every=50, dist_timeout=30.0)
