@@ -26,6 +26,8 @@ inputs: a row is read in chunks of at most ``FORWARD_MAX_BLOCK_L`` (forward) or
 from __future__ import annotations
 
 import contextlib
+import math
+import struct
 from typing import Any
 
 import torch
@@ -96,8 +98,15 @@ def _split_inverse(tau: float) -> tuple[float, float]:
     Triton passes Python floats to compiled kernels as fp32.
     """
     inverse = 1.0 / tau
-    high = float(torch.tensor(inverse, dtype=torch.float32))
-    return high, float(torch.tensor(inverse - high, dtype=torch.float32))
+    high = _to_fp32(inverse)
+    return high, _to_fp32(inverse - high)
+
+
+def _to_fp32(value: float) -> float:
+    try:
+        return float(struct.unpack("f", struct.pack("f", value))[0])
+    except OverflowError:  # beyond fp32's range, as a cast would give
+        return math.copysign(math.inf, value)
 
 
 def _device_guard(device: torch.device) -> Any:
