@@ -3,7 +3,10 @@
 Four layers, four names:
 
 * :func:`channel_kl` (dispatcher): validates, flattens ``(N, C, *)`` to rows, picks a backend.
-* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row log-normalisers only.
+* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row log-normalisers only. Under
+  ``torch.compile`` the same launchers run behind the ``torch.library`` custom ops
+  ``segkd::channel_kl_forward`` / ``segkd::channel_kl_backward`` (fake and autograd registered), so
+  Dynamo and Inductor see one opaque call and the graph does not break.
 * launchers: ``_torch_backend.forward/backward`` and ``_triton_backend.forward/backward``.
 * kernels: the PyTorch reference blocks, or the Triton kernels.
 """
