@@ -220,9 +220,14 @@ def _short(path: str) -> str:
 
 
 def _hwd_settings(cfg: Any) -> tuple[float, float, float]:
-    """``(mu, beta, tau)`` of an HWD run, else the paper's for the run's dataset (ADE20K's for others)."""
+    """``(mu, beta, tau)`` of an HWD run, else the pipeline's defaults for the run's dataset.
+
+    The defaults are the paper's (``segkd_examples.methods.HWD_MU``: the synthetic demo uses Cityscapes' ``mu``).
+    """
+    from segkd_examples.methods import HWD_MU
+
     kd = dict(cfg.kd) if cfg.method == "hwd" else {}
-    mu = PAPER_SETTINGS.get(cfg.dataset, PAPER_SETTINGS["ade20k"])[1]
+    mu = HWD_MU.get(cfg.dataset, PAPER_SETTINGS["ade20k"][1])
     return float(kd.get("mu", mu)), float(kd.get("beta", PAPER_BETA)), float(kd.get("tau", PAPER_TAU))
 
 

@@ -101,7 +101,7 @@ def test_only_one_checkpoint_is_an_error(tmp_path: Path) -> None:
         plot.main(["--out", str(tmp_path), "--student-ckpt", str(tmp_path / "s.pt")])
 
 
-def _tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
+def _tiny_checkpoints(folder: Path, method: str = "hwd", kd: dict[str, float] | None = None) -> tuple[Path, Path]:
     from segkd_examples import checkpoint as ckpt
     from segkd_examples.config import TrainConfig, config_to_dict
     from segkd_examples.models import build_model
@@ -110,11 +110,11 @@ def _tiny_checkpoints(folder: Path) -> tuple[Path, Path]:
         dataset="synthetic",
         student="tiny_student",
         teacher="tiny_teacher",
-        method="hwd",
+        method=method,
         synthetic_size=32,
         synthetic_val_length=3,
         workers=0,
-        kd={"tau": 4.0, "beta": 0.2, "mu": 0.5},
+        kd={"tau": 4.0, "beta": 0.2, "mu": 0.5} if kd is None else kd,
     )
     paths = []
     for name in ("tiny_student", "tiny_teacher"):
@@ -145,6 +145,12 @@ def test_checkpoints_of_the_pipeline(tmp_path: Path) -> None:
     out = tmp_path / "out"
     plot.main(["--out", str(out), "--student-ckpt", str(student), "--teacher-ckpt", str(teacher), "--mu", "0"])
     assert png_size(out / "hwd_weights_heatmap.png") == EXPECTED_PX["hwd_weights_heatmap.png"]
+
+
+def test_a_run_without_hwd_settings_gets_the_pipeline_defaults(tmp_path: Path) -> None:
+    student, teacher = _tiny_checkpoints(tmp_path, method="cwd", kd={"tau": 4.0})
+    batch = plot.checkpoint_weights(str(student), str(teacher), num_images=1)
+    assert (batch.mu, batch.beta, batch.tau) == (1.0, 0.1, 4.0)  # synthetic: Cityscapes' mu, the paper's beta, tau
 
 
 def test_released_state_dict_needs_a_config(tmp_path: Path) -> None:
