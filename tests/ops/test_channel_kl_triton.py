@@ -336,6 +336,21 @@ def test_torch_compile_matches_eager(backend: str) -> None:
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_custom_ops_pass_opcheck(backend: str) -> None:
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch of the torch.library ops.
+    forward_op = channel_kl_module._channel_kl_forward_op
+    backward_op = channel_kl_module._channel_kl_backward_op
+    if forward_op is None:
+        pytest.skip("torch.library.custom_op needs torch >= 2.4")
+    student, teacher = _pair((6, 35), torch.float32, seed=20)
+    for need_sqdist in (True, False):
+        torch.library.opcheck(forward_op, (student.requires_grad_(), teacher, 2.0, need_sqdist, backend))
+    _, _, lse_s, lse_t = forward_op(student.detach(), teacher, 2.0, True, backend)
+    grad_kl = torch.randn(6, generator=torch.Generator().manual_seed(21)).to(DEVICE)
+    torch.library.opcheck(backward_op, (student.detach(), teacher, lse_s, lse_t, grad_kl, 2.0, backend))
+
+
 def test_autocast_bf16_inputs_match_plain_bf16() -> None:
     student, teacher = _pair((2, 4, 5, 6), torch.float32, seed=17)
     weight = torch.randn(4, 4, 1, 1, generator=torch.Generator().manual_seed(18)).to(DEVICE)
