@@ -10,7 +10,7 @@ STAMP := $(VENV)/.segkd-installed
 PYTEST_ARGS ?=
 LINT_PATHS := src tests examples benchmarks
 
-.PHONY: install demo test lint format typecheck pytest fuzz bench clean
+.PHONY: install demo quickstart test lint format typecheck pytest fuzz bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out runs/demo
+	$(BIN)/python examples/plot_hwd_weights.py --out runs/demo \
+		--student-ckpt runs/demo/hwd_seed0/best.pt --teacher-ckpt runs/demo/teacher/best.pt
+	$(BIN)/python examples/report.py runs/demo --out runs/demo
+
+quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_channel_kl.py --device cpu --out bench_cpu.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
