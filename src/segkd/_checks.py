@@ -44,6 +44,7 @@ __all__ = [
     "check_same_shape",
     "check_same_shape_except",
     "check_shape_spec",
+    "check_student_teacher_features",
     "check_student_teacher_logits",
     "finite_check_enabled",
     "shape_str",
@@ -144,6 +145,29 @@ def check_student_teacher_logits(student: Any, teacher: Any, min_dims: int = 3) 
     check_nonempty(student, "student")
     check_finite_if_enabled(student, "student")
     check_finite_if_enabled(teacher, "teacher")
+    return student, teacher
+
+
+def check_student_teacher_features(
+    student: Any,
+    teacher: Any,
+    name_student: str = "student",
+    name_teacher: str = "teacher",
+    layout: str = "(N, C, H, W)",
+) -> tuple[Tensor, Tensor]:
+    """Validate a pair of 4-D feature maps ``(N, C, H, W)`` whose channel counts may differ.
+
+    Checks type, floating dtype, exactly 4 dims, equal ``N``, ``H`` and ``W``, device and
+    non-emptiness; then, when ``SEGKD_CHECK_FINITE=1``, that both are finite.
+    """
+    for value, name in ((student, name_student), (teacher, name_teacher)):
+        check_floating_tensor(value, name)
+        check_exact_dims(value, name, 4, layout)
+    check_same_shape_except(student, teacher, 1, name_student, name_teacher)
+    check_same_device(student, teacher, name_student, name_teacher)
+    for value, name in ((student, name_student), (teacher, name_teacher)):
+        check_nonempty(value, name)
+        check_finite_if_enabled(value, name)
     return student, teacher
 
 

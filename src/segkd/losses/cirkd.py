@@ -52,16 +52,7 @@ def _full_precision(reference: Tensor) -> torch.autocast:
 
 
 def _check_features(student: Tensor, teacher: Tensor) -> None:
-    _checks.check_floating_tensor(student, "student")
-    _checks.check_floating_tensor(teacher, "teacher")
-    _checks.check_exact_dims(student, "student", 4, "(N, C, H, W)")
-    _checks.check_exact_dims(teacher, "teacher", 4, "(N, C, H, W)")
-    _checks.check_same_shape_except(student, teacher, 1)
-    _checks.check_same_device(student, teacher)
-    _checks.check_nonempty(student, "student")
-    _checks.check_nonempty(teacher, "teacher")
-    _checks.check_finite_if_enabled(student, "student")
-    _checks.check_finite_if_enabled(teacher, "teacher")
+    _checks.check_student_teacher_features(student, teacher)
 
 
 @torch.no_grad()
@@ -117,7 +108,9 @@ def cirkd_minibatch_loss(
     The authors' latest code pools ``4 x 4`` once both sides are >= 256; their first release
     does not pool.
 
-    The teacher is detached inside: it never receives a gradient.
+    The teacher is detached inside: it never receives a gradient. A student feature vector that is
+    exactly zero (no direction) passes no gradient, where ``F.normalize`` would pass ``1e12`` times the
+    upstream gradient (inf in fp16).
 
     Args:
         student_feat: student feature map.
@@ -165,7 +158,7 @@ def cirkd_minibatch_loss(
         teacher = F.avg_pool2d(teacher, pool, stride=pool, ceil_mode=True)
 
     def similarities(feat: Tensor) -> Tensor:
-        unit = F.normalize(feat.flatten(2), p=2, dim=1)  # (B, C, L)
+        unit = _unit_vectors(feat.flatten(2))  # (B, C, L); a zero vector passes no gradient
         return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / tau  # (B, B, L, L)
 
     # Each (B, B, L, L) similarity tensor is a temporary: freed as soon as its softmax is taken.

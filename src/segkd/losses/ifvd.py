@@ -173,19 +173,10 @@ def ifvd_loss(
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     num_classes = _checks.check_positive_int(num_classes, "num_classes")
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
-    _checks.check_floating_tensor(student, "student")
-    _checks.check_floating_tensor(teacher, "teacher")
-    _checks.check_exact_dims(student, "student", 4, "(N, C, h, w)")
-    _checks.check_exact_dims(teacher, "teacher", 4, "(N, C, h, w)")
-    _checks.check_same_shape_except(student, teacher, dim=1)
-    _checks.check_same_device(student, teacher)
-    _checks.check_nonempty(student, "student")
-    _checks.check_nonempty(teacher, "teacher")
+    _checks.check_student_teacher_features(student, teacher, layout="(N, C, h, w)")
     _checks.check_labels(labels, batch_size=student.shape[0])
     _checks.check_nonempty(labels, "labels")
     _checks.check_same_device(student, labels, "student", "labels")
-    _checks.check_finite_if_enabled(student, "student")
-    _checks.check_finite_if_enabled(teacher, "teacher")
 
     batch, _, height, width = student.shape
     small = nearest_labels(labels, (height, width)).long()  # small; int64 compares safely with any id

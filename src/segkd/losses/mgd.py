@@ -144,16 +144,7 @@ def mgd_loss(
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     alpha = _checks.check_non_negative(alpha, "alpha")
     mask_ratio = _checks.check_probability(mask_ratio, "mask_ratio")
-    _checks.check_floating_tensor(student, "student")
-    _checks.check_floating_tensor(teacher, "teacher")
-    _checks.check_exact_dims(student, "student", 4, "(N, C, h, w)")
-    _checks.check_exact_dims(teacher, "teacher", 4, "(N, C, h, w)")
-    _checks.check_same_shape_except(student, teacher, dim=1)
-    _checks.check_same_device(student, teacher)
-    _checks.check_nonempty(student, "student")
-    _checks.check_nonempty(teacher, "teacher")
-    _checks.check_finite_if_enabled(student, "student")
-    _checks.check_finite_if_enabled(teacher, "teacher")
+    _checks.check_student_teacher_features(student, teacher, layout="(N, C, h, w)")
 
     teacher = teacher.detach()
     if align is None:

@@ -108,13 +108,7 @@ def skd_pairwise_loss(
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     pool = _checks.check_positive_int(pool, "pool")
-    for value, name in ((student_feat, "student_feat"), (teacher_feat, "teacher_feat")):
-        _checks.check_floating_tensor(value, name)
-        _checks.check_exact_dims(value, name, 4, "(N, C, H, W)")
-        _checks.check_nonempty(value, name)
-        _checks.check_finite_if_enabled(value, name)
-    _checks.check_same_shape_except(student_feat, teacher_feat, 1, "student_feat", "teacher_feat")
-    _checks.check_same_device(student_feat, teacher_feat, "student_feat", "teacher_feat")
+    _checks.check_student_teacher_features(student_feat, teacher_feat, "student_feat", "teacher_feat")
     dtype = _compute_dtype(student_feat)
     sim_s = _pairwise_similarity(student_feat.to(dtype), pool)
     sim_t = _pairwise_similarity(teacher_feat.detach().to(dtype), pool)
