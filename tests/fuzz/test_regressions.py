@@ -137,3 +137,38 @@ def test_skd_discriminator_hinge_large_fp16_scores_are_finite() -> None:
     loss = skd_discriminator_hinge_loss(real, fake.clone().requires_grad_(True))
     assert loss.dtype == torch.float32
     assert loss.item() == 2 * (1.0 + 32992.0)  # fp16 rounds 3.3e4 to 32992
+
+
+def test_cirkd_minibatch_fp16_zero_vectors_equal_inputs_give_finite_gradient() -> None:
+    """test_cirkd_minibatch (deep run): -inf gradient, equal fp16 (3, 5, 1, 6) ReLU features ~1e-6 with zero vectors.
+
+    tau=0.1, reduction="sum". Rounding left in the KL gradient (~1e-8) met F.normalize's 1e12 at the exactly zero
+    feature vectors, beyond fp16's range. Fix: as in the memory term, a zero vector passes no gradient.
+    """
+    rows = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 1.0133e-06, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.5497e-06, 2.9802e-07, 2.0266e-06],
+            [1.1325e-06, 0.0, 5.9605e-08, 3.5763e-07, 1.7881e-07, 0.0],
+            [0.0, 0.0, 0.0, 2.3842e-07, 1.7881e-07, 0.0],
+            [1.0133e-06, 0.0, 0.0, 0.0, 0.0, 1.4901e-06],
+            [0.0, 0.0, 0.0, 5.3644e-07, 0.0, 0.0],
+            [0.0, 0.0, 1.1921e-06, 9.5367e-07, 6.5565e-07, 1.1921e-07],
+            [0.0, 1.8477e-06, 0.0, 2.3842e-07, 0.0, 2.3842e-07],
+            [0.0, 0.0, 1.6689e-06, 0.0, 0.0, 2.8610e-06],
+            [8.9407e-07, 9.5367e-07, 0.0, 0.0, 5.9605e-08, 0.0],
+            [0.0, 8.9407e-07, 1.4901e-06, 0.0, 0.0, 0.0],
+            [1.0133e-06, 0.0, 1.7881e-07, 9.5367e-07, 0.0, 1.0133e-06],
+            [7.7486e-07, 0.0, 0.0, 0.0, 1.1325e-06, 2.9802e-07],
+            [0.0, 0.0, 0.0, 5.9605e-07, 0.0, 0.0],
+            [1.9670e-06, 0.0, 0.0, 0.0, 1.7881e-07, 0.0],
+        ],
+        dtype=torch.float16,
+    )  # the (N, C, W) rows of the shrunk example, H = 1
+    features = rows.view(3, 5, 1, 6)
+    student = features.clone().requires_grad_(True)
+    cirkd_minibatch_loss(student, features.clone(), 0.1, None, "sum").backward()
+    assert student.grad is not None
+    assert torch.isfinite(student.grad).all()
+    zero = (features == 0).all(dim=1, keepdim=True).expand_as(features)
+    assert (student.grad[zero] == 0).all()
