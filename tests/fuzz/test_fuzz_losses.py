@@ -368,9 +368,11 @@ def test_dist(data: tuple[Tensor, Tensor, str], tau: float, beta: float, gamma: 
     student, teacher = _leaves(raw_student, raw_teacher)
     case = _describe(student, relation, tau=tau, beta=beta, gamma=gamma)
     loss = dist_loss(student, teacher, beta, gamma, tau)
-    # Each term is 1 - mean correlation, with |correlation| <= 1 up to rounding: a correlation of
-    # identical rows can round to 1 + 1 ulp, i.e. a loss of -1 ulp * tau^2 (beta + gamma).
-    slack = 4 * torch.finfo(loss.dtype).eps * tau * tau * (beta + gamma)
+    # Each term is 1 - mean correlation, with |correlation| <= 1 up to rounding: the correlation of
+    # identical vectors of length n is 1 within the dot product's rounding bound (n + 2) eps, so the loss
+    # can be down to -(n + 2) eps tau^2 (beta + gamma) (the deep run found -5 ulps for n = 72).
+    length = max(student.shape[1], student.numel() // student.shape[1])
+    slack = (length + 2) * torch.finfo(loss.dtype).eps * tau * tau * (beta + gamma)
     assert loss.item() >= -slack, f"DIST below 0 for {case}"
     assert loss.item() <= 2 * tau * tau * (beta + gamma) + slack, f"DIST above 2 tau^2 (beta + gamma) for {case}"
     grad = _backward_and_check(loss, student, teacher, case)
