@@ -379,7 +379,7 @@ def test_enqueue_gathers_across_ddp_ranks(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    states = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    states = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
     for key in ("pixel_queue", "pixel_queue_ptr", "region_queue", "region_queue_ptr"):
         assert torch.equal(states[0][key], states[1][key]), key
     # Each rank's batch reached both ranks' queues: class r holds basis vector r.
