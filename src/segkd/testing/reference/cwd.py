@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from segkd.testing.reference._reduction import reduce_terms
 from segkd.testing.reference.channel_kl import channel_kl_reference
 
 __all__ = ["cwd_loss_reference"]
@@ -46,10 +47,4 @@ def cwd_loss_reference(student: Tensor, teacher: Tensor, tau: float = 4.0, reduc
     """
     kl, _ = channel_kl_reference(student, teacher, tau)
     terms = kl * (tau * tau)
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    if reduction == "none":
-        return terms
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(terms, reduction)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from segkd.testing.reference._reduction import reduce_terms
 from segkd.testing.reference.channel_kl import channel_kl_reference
 
 __all__ = [
@@ -202,10 +203,4 @@ def hwd_loss_reference(
     weights = hwd_weights_reference(student, teacher, tau, mu, beta, distance)
     kl, _ = channel_kl_reference(student, teacher, tau)
     terms = weights * kl * (tau * tau)
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    if reduction == "none":
-        return terms
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(terms, reduction)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from segkd.testing.reference._reduction import reduce_terms
+
 __all__ = ["ifvd_loss_reference", "ifvd_similarity_reference"]
 
 
@@ -130,10 +132,4 @@ def ifvd_loss_reference(
     sim_s = ifvd_similarity_reference(student, labels, num_classes, ignore_index)
     sim_t = ifvd_similarity_reference(teacher, labels, num_classes, ignore_index)
     terms = (sim_s - sim_t) ** 2
-    if reduction == "mean":
-        return terms.mean()
-    if reduction == "sum":
-        return terms.sum()
-    if reduction == "none":
-        return terms
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(terms, reduction)

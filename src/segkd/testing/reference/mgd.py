@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from segkd.testing.reference._reduction import reduce_terms
+
 __all__ = ["conv2d_reference", "mgd_loss_reference"]
 
 
@@ -115,10 +117,4 @@ def mgd_loss_reference(
     hidden = torch.clamp(conv2d_reference(aligned * mask.to(torch.float64), w1, b1), min=0.0)
     generated = conv2d_reference(hidden, w2, b2)
     per_image = ((generated - teacher.to(torch.float64)) ** 2).sum(dim=(1, 2, 3)) * alpha
-    if reduction == "mean":
-        return per_image.sum() / student.shape[0]
-    if reduction == "sum":
-        return per_image.sum()
-    if reduction == "none":
-        return per_image
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(per_image, reduction, mean_divisor=student.shape[0])

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from segkd.testing.reference._reduction import reduce_terms
+
 __all__ = [
     "pixel_kd_loss_reference",
     "skd_discriminator_hinge_loss_reference",
@@ -88,13 +90,7 @@ def skd_pairwise_loss_reference(
         pooled_t = _max_pool_ceil(teacher_feat[n].to(torch.float64), pool).flatten(1)
         terms.append((_similarity_matrix(pooled_s) - _similarity_matrix(pooled_t)) ** 2)
     squared = torch.stack(terms)
-    if reduction == "mean":
-        return squared.mean()
-    if reduction == "sum":
-        return squared.sum()
-    if reduction == "none":
-        return squared
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(squared, reduction)
 
 
 def pixel_kd_loss_reference(
@@ -169,13 +165,7 @@ def pixel_kd_loss_reference(
                     kl = kl + torch.exp(log_p_t) * (log_p_t - log_p_s)
                 values.append(tau * tau * kl)
     terms = torch.stack(values).reshape(batch, height, width)
-    if reduction == "mean":
-        return terms.sum() / max(kept, 1)
-    if reduction == "sum":
-        return terms.sum()
-    if reduction == "none":
-        return terms
-    raise ValueError(f"Expected reduction 'mean', 'sum' or 'none', got {reduction!r}.")
+    return reduce_terms(terms, reduction, mean_divisor=max(kept, 1))
 
 
 def skd_generator_hinge_loss_reference(fake_scores: Tensor) -> Tensor:
