@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info, _, val_set = build_datasets(cfg)
     num_classes = int(info.num_classes)
     model = build_model(model_name, num_classes)
-    load_model_weights(model, args.checkpoint, what="checkpoint")
+    load_model_weights(model, args.checkpoint, what="checkpoint", data=data)
     model.to(dist.device).eval()
     autocast = autocast_factory(args.amp, dist.device)
     miou, iou, _ = evaluate(

@@ -275,7 +275,7 @@ def checkpoint_weights(
     def model_from(state: dict[str, Any], path: str, default_name: str, what: str) -> torch.nn.Module:
         name = str(state.get("model_name", default_name)) if state.get("format") == ckpt.FORMAT else default_name
         model = build_model(name, num_classes)
-        load_model_weights(model, path, what=what)
+        load_model_weights(model, path, what=what, data=state)
         return model.eval().to(device)
 
     student = model_from(student_state, student_ckpt, cfg.student, "student checkpoint")

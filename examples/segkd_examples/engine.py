@@ -15,7 +15,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -167,23 +167,30 @@ def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.
 # --------------------------------------------------------------------------------------------------- models
 
 
-def load_model_weights(model: nn.Module, path: str, *, what: str) -> None:
+def load_model_weights(model: nn.Module, path: str, *, what: str, data: Mapping[str, Any] | None = None) -> None:
     """Load weights into ``model`` from a training checkpoint of this pipeline or a released state dict.
 
     A file written by this pipeline (``last.pt``/``best.pt``) is recognised by its ``format`` entry and its
     ``model`` entry is loaded strictly; anything else goes to the models package's
-    ``load_checkpoint_into`` (which understands the CIRKD release's key layout).
+    ``load_state_into`` (which understands the CIRKD release's key layout).
+
+    Args:
+        model: the model to fill.
+        path: the checkpoint file.
+        what: what the file is for, used in messages.
+        data: the file's contents when the caller has read it already (the file is then not read again).
 
     Raises:
         segkd_examples.checkpoint.CheckpointError: unreadable file or keys/shapes that do not match.
     """
-    data = ckpt.load_checkpoint(path, what=what)
+    if data is None:
+        data = ckpt.load_checkpoint(path, what=what)
     if data.get("format") == ckpt.FORMAT:
         ckpt.load_state_dict_strict(model, data["model"], path=path, what=what)
         return
-    from segkd_examples.models import load_checkpoint_into
+    from segkd_examples.models import load_state_into
 
-    load_checkpoint_into(model, path, what=what)
+    load_state_into(model, data, path=path, what=what)
 
 
 def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, nn.Module | None]:

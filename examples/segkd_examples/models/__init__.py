@@ -10,7 +10,7 @@ strictly, and expect inputs normalised with :data:`IMAGENET_MEAN` / :data:`IMAGE
 
 from segkd_examples.checkpoint import CheckpointError
 
-from .checkpoints import load_backbone_weights, load_checkpoint_into
+from .checkpoints import load_backbone_weights, load_checkpoint_into, load_state_into
 from .normalization import IMAGENET_MEAN, IMAGENET_STD, INPUT_CHANNEL_ORDER, denormalize_image, normalize_image
 from .segmentation import MODEL_NAMES, OUTPUT_STRIDE, SegmentationModel, SegmentationOutput, build_model
 
@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "load_backbone_weights",
     "load_checkpoint_into",
+    "load_state_into",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INPUT_CHANNEL_ORDER",

@@ -25,7 +25,7 @@ from torch import nn
 
 from segkd_examples.checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["CheckpointError", "load_backbone_weights", "load_checkpoint_into"]
+__all__ = ["CheckpointError", "load_backbone_weights", "load_checkpoint_into", "load_state_into"]
 
 _SHOW = 5  # how many keys a message lists
 _NESTED_KEYS = ("state_dict", "model")
@@ -146,8 +146,26 @@ def load_checkpoint_into(model: nn.Module, path: str | os.PathLike[str], *, what
             mismatches, and hints at a wrong number of classes or a wrong architecture).
     """
     path = Path(path)
-    state = _state_dict_from(load_checkpoint(path, what=what), path, what)
-    _load_strict(model, state, path=path, what=what, label=_label(model))
+    load_state_into(model, load_checkpoint(path, what=what), path=path, what=what)
+
+
+def load_state_into(model: nn.Module, data: Mapping[str, Any], *, path: str | os.PathLike[str], what: str) -> None:
+    """Load the already-read contents of a whole-model checkpoint into ``model``, strictly.
+
+    What :func:`load_checkpoint_into` does after reading the file, for callers that have read it already
+    (with :func:`segkd_examples.checkpoint.load_checkpoint`) to look at its other entries.
+
+    Args:
+        model: a model from :func:`~segkd_examples.models.build_model` (or any ``nn.Module``).
+        data: the mapping read from ``path``, in any layout :func:`load_checkpoint_into` accepts.
+        path: the file it was read from, for messages.
+        what: what the file is for, used in messages.
+
+    Raises:
+        CheckpointError: non-tensor entries, or keys or shapes that do not match the model.
+    """
+    path = Path(path)
+    _load_strict(model, _state_dict_from(data, path, what), path=path, what=what, label=_label(model))
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
