@@ -45,6 +45,7 @@ __all__ = [
     "load_model_weights",
     "seed_everything",
     "train",
+    "trained_model_name",
 ]
 
 
@@ -193,6 +194,11 @@ def load_model_weights(model: nn.Module, path: str, *, what: str, data: Mapping[
     load_state_into(model, data, path=path, what=what)
 
 
+def trained_model_name(cfg: TrainConfig) -> str:
+    """The model a run trains (and its checkpoints hold): the teacher with ``train_teacher``, else the student."""
+    return cfg.teacher if cfg.train_teacher else cfg.student
+
+
 def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
     """Build the trained model (the student, or the teacher with ``train_teacher``) and the frozen teacher.
 
@@ -203,8 +209,7 @@ def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Mo
     """
     from segkd_examples.models import build_model
 
-    trained_name = cfg.teacher if cfg.train_teacher else cfg.student
-    student = build_model(trained_name, num_classes, backbone_weights=cfg.student_pretrained)
+    student = build_model(trained_model_name(cfg), num_classes, backbone_weights=cfg.student_pretrained)
     if cfg.train_teacher or cfg.method == "none":
         return student, None
     if not cfg.teacher_ckpt:
@@ -479,7 +484,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             "epoch": iteration // stream.batches_per_epoch,
             "batches_per_epoch": stream.batches_per_epoch,
             "world_size": dist.world_size,
-            "model_name": cfg.teacher if cfg.train_teacher else cfg.student,
+            "model_name": trained_model_name(cfg),
             "num_classes": num_classes,
             "model": student.state_dict(),
             "distiller": distiller.state_dict(),
@@ -502,7 +507,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             "kind": "best",
             "iteration": iteration,
             "miou": miou,
-            "model_name": cfg.teacher if cfg.train_teacher else cfg.student,
+            "model_name": trained_model_name(cfg),
             "num_classes": num_classes,
             "model": student.state_dict(),
             "config": config_to_dict(cfg),
