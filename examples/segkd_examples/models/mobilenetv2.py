@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._init import init_backbone_weights_
+
 __all__ = ["DilatedMobileNetV2", "InvertedResidual", "MobileNetV2Features"]
 
 # (expansion t, output channels c, repeats n, stride s) of each stage.
@@ -104,12 +106,7 @@ class DilatedMobileNetV2(nn.Module):
             _dilate(self.net.features[index], 4)
         self.out_channels = 320
         self.layer3_channels = 0
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_backbone_weights_(self)
 
     def forward(self, x: Tensor) -> tuple[None, Tensor]:
         return None, self.net(x)

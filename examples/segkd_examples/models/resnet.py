@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._init import init_backbone_weights_
+
 __all__ = ["BasicBlock", "Bottleneck", "DilatedResNet", "resnet18_v1s", "resnet101_v1s"]
 
 
@@ -141,12 +143,7 @@ class DilatedResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], dilation=4)
         self.layer3_channels = 256 * block.expansion
         self.out_channels = 512 * block.expansion
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_backbone_weights_(self)
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1, dilation: int = 1
