@@ -60,8 +60,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     import torch
 
     from segkd_examples.config import load_config
+    from segkd_examples.data import dataset_info
     from segkd_examples.distributed import DistInfo
-    from segkd_examples.engine import build_datasets, build_student_and_teacher, train
+    from segkd_examples.engine import train, trained_model_name
+    from segkd_examples.models import build_model
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -98,10 +100,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             row["miou"].append(100 * result["best_miou"])
             row["images_per_s"].append(result["images_per_s"])
             row["iters"] = cfg.max_iters
-            info = build_datasets(cfg)[0]
-            model = build_student_and_teacher(cfg, int(info.num_classes))[0]
-            row["model"] = cfg.teacher if name == "teacher" else cfg.student
-            row["params_m"] = _params(model)
+            row["model"] = trained_model_name(cfg)
+            num_classes = dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes).num_classes
+            row["params_m"] = _params(build_model(row["model"], num_classes))
         rows.append(row)
     total = time.perf_counter() - started
 
