@@ -236,7 +236,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     info = (
         dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes) if synthetic else dataset_info(cfg.dataset)
     )
-    if cfg.dataset != "synthetic":
+    if not synthetic:
         if not cfg.data_root:
             raise ConfigError(f"`dataset: {cfg.dataset}` needs --data-root (the folder described in docs/datasets.md).")
         check_dataset_root(cfg.dataset, cfg.data_root, "train")
@@ -252,7 +252,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
         crop_size=tuple(cfg.crop_size),
         scale_range=tuple(cfg.scale_range),
         flip=cfg.flip,
-        synthetic_length=cfg.synthetic_length if cfg.dataset == "synthetic" else None,
+        synthetic_length=cfg.synthetic_length if synthetic else None,
         **common,
     )
     val_set = build_dataset(
@@ -260,7 +260,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
         cfg.data_root,
         "val",
         crop_size=tuple(cfg.crop_size),
-        synthetic_length=cfg.synthetic_val_length if cfg.dataset == "synthetic" else None,
+        synthetic_length=cfg.synthetic_val_length if synthetic else None,
         **common,
     )
     return info, train_set, val_set
