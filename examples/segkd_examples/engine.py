@@ -143,14 +143,6 @@ class DistillationStep(nn.Module):
         return total, terms
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-def _nullcontext() -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext()
-
-
 def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """A factory of autocast contexts for ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``).
 
@@ -158,7 +150,7 @@ def autocast_factory(amp: str, device: torch.device) -> Callable[[], contextlib.
         ConfigError: ``fp16`` without CUDA (CPU autocast is bf16 only).
     """
     if amp == "none":
-        return _nullcontext
+        return contextlib.nullcontext
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("`amp: fp16` needs a CUDA device; use `amp: bf16` or `amp: none` on CPU.")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
