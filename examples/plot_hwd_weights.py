@@ -222,13 +222,13 @@ def _short(path: str) -> str:
 def _hwd_settings(cfg: Any) -> tuple[float, float, float]:
     """``(mu, beta, tau)`` of an HWD run, else the pipeline's defaults for the run's dataset.
 
-    The defaults are the paper's (``segkd_examples.methods.HWD_MU``: the synthetic demo uses Cityscapes' ``mu``).
+    The defaults are the pipeline's (``segkd_examples.methods.resolve_kd``: the paper's, and Cityscapes' ``mu`` for
+    the synthetic demo).
     """
-    from segkd_examples.methods import HWD_MU
+    from segkd_examples.methods import resolve_kd
 
-    kd = dict(cfg.kd) if cfg.method == "hwd" else {}
-    mu = HWD_MU.get(cfg.dataset, PAPER_SETTINGS["ade20k"][1])
-    return float(kd.get("mu", mu)), float(kd.get("beta", PAPER_BETA)), float(kd.get("tau", PAPER_TAU))
+    _, params = resolve_kd("hwd", cfg.dataset, None, cfg.kd if cfg.method == "hwd" else None)
+    return float(params["mu"]), float(params["beta"]), float(params["tau"])
 
 
 def checkpoint_weights(
