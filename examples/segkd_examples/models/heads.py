@@ -87,11 +87,7 @@ class DeepLabV3Head(nn.Module):
         super().__init__()
         self.aspp = ASPP(in_channels, channels)
         self.block = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.1),
-            nn.Conv2d(channels, num_classes, 1),
+            *_conv_bn_relu(channels, channels, 3), nn.Dropout(0.1), nn.Conv2d(channels, num_classes, 1)
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -141,12 +137,7 @@ class PSPHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_classes: int) -> None:
         super().__init__()
         self.psp = PyramidPooling(in_channels)
-        self.block = nn.Sequential(
-            nn.Conv2d(2 * in_channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.1),
-        )
+        self.block = nn.Sequential(*_conv_bn_relu(2 * in_channels, channels, 3), nn.Dropout(0.1))
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,11 +161,7 @@ class FCNHead(nn.Module):
         super().__init__()
         inter = in_channels // 4
         self.block = nn.Sequential(
-            nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
-            nn.BatchNorm2d(inter),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.1),
-            nn.Conv2d(inter, num_classes, 1),
+            *_conv_bn_relu(in_channels, inter, 3), nn.Dropout(0.1), nn.Conv2d(inter, num_classes, 1)
         )
 
     def forward(self, x: Tensor) -> Tensor:
