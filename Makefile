@@ -30,6 +30,10 @@ demo: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python examples/quickstart.py
 
+# The deep hypothesis profile: 10,000 cases per fuzz test (about 12 minutes on 2 cores). CI runs the short "ci" profile.
+fuzz: $(STAMP)
+	SEGKD_HYPOTHESIS_PROFILE=deep OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/fuzz -q --hypothesis-show-statistics
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_channel_kl.py --device cpu --out bench_cpu.json
 
