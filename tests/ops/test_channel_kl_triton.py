@@ -8,6 +8,7 @@ several chunks and programs hold several rows with a masked tail.
 
 from __future__ import annotations
 
+import decimal
 import importlib
 import os
 import sys
@@ -392,3 +393,72 @@ def test_cpu_tensors_without_interpreter_raise() -> None:
     compiled_only = object()  # stands for a kernel that triton.jit compiled (no interpreter)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _triton_backend._kernel_for(compiled_only, torch.device("cpu"))
+
+
+def _reference_decimal(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kl and sqdist per row of ``(R, L)`` inputs in 40-digit decimal arithmetic, from the definitions.
+
+    Exact in the inputs (``Decimal(float)`` is exact) and in ``tau``; independent of float rounding, so it
+    measures the kernel's own error to ~1e-16 relative whatever the inputs' magnitude.
+    """
+    kls, sqdists = [], []
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        inverse = 1 / decimal.Decimal(tau)
+        for s_row, t_row in zip(student.double().cpu().tolist(), teacher.double().cpu().tolist(), strict=True):
+            log_p = []
+            for row in (s_row, t_row):
+                scaled = [decimal.Decimal(x) * inverse for x in row]
+                top = max(scaled)
+                log_z = sum((x - top).exp() for x in scaled).ln()
+                log_p.append([x - top - log_z for x in scaled])
+            kls.append(float(sum(lt.exp() * (lt - ls) for ls, lt in zip(*log_p, strict=True))))
+            sqdists.append(float(sum((ls.exp() - lt.exp()) ** 2 for ls, lt in zip(*log_p, strict=True))))
+    return torch.tensor(kls, dtype=torch.float64), torch.tensor(sqdists, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_float64_near_identical_rows_have_float64_accuracy(tau: float) -> None:
+    # d = log p_T - log p_S ~ 0.1: inside the Taylor branch of the kernel, whose truncation must stay below
+    # fp64 rounding (a 6th-order series there is off by ~1e-9 relative).
+    gen = torch.Generator().manual_seed(22)
+    teacher = torch.randn(4, 24, generator=gen, dtype=torch.float64) * 2
+    student = teacher + 0.1 * torch.randn(4, 24, generator=gen, dtype=torch.float64)
+    kl, sqdist, _, _ = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)
+    assert sqdist is not None
+    ref_kl, ref_sqdist = _reference_decimal(student, teacher, tau)
+    torch.testing.assert_close(kl.cpu(), ref_kl, rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(sqdist.cpu(), ref_sqdist, rtol=1e-13, atol=0.0)
+
+
+LARGE_LOGIT_CASES = {
+    # name: (dtype, student offset, teacher offset, spread, near-identical noise, tau)
+    "offset_1e4_tau1": (torch.float32, 1e4, 1e4, 3.0, 0.0, 1.0),
+    "offset_1e3_tau0.5": (torch.float32, 1e3, 1e3, 3.0, 0.0, 0.5),
+    "offset_1e4_near_identical": (torch.float32, 1e4, 1e4, 3.0, 0.03, 1.0),
+    "opposite_offsets": (torch.float32, 1e4, -1e4, 3.0, 0.0, 1.0),
+    "bf16_offset_1e4_tau0.5": (torch.bfloat16, 1e4, 1e4, 300.0, 0.0, 0.5),
+}
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=str)
+def test_large_logits_keep_fp32_accuracy(case: str) -> None:
+    # |x| / tau ~ 1e4 with softmax spreads of a few units: exp(x / tau - lse) would carry the fp32 rounding of
+    # lse (~1e-3 absolute at 1e4), i.e. ~1e-3 relative in every p. The kernel subtracts the row max before
+    # scaling and must stay at fp32 rounding of the (rounded) inputs. Rows of 21 cross three chunks of 8.
+    dtype, s_offset, t_offset, spread, noise, tau = LARGE_LOGIT_CASES[case]
+    gen = torch.Generator().manual_seed(23)
+    base = torch.randn(3, 21, generator=gen, dtype=torch.float64) * spread
+    if noise:  # the student is the teacher plus small noise
+        student = (s_offset + base + noise * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    else:
+        student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    teacher = (t_offset + base).to(dtype)
+    kl, sqdist, _, _ = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)
+    assert sqdist is not None
+    ref_kl, ref_sqdist = _reference_decimal(student, teacher, tau)
+    assert float(ref_kl.min()) > 1e-4  # far from the subnormal range: a relative comparison means something
+    torch.testing.assert_close(kl.double().cpu(), ref_kl, rtol=1e-6, atol=0.0)
+    # sqdist of near-identical rows is first order in the ~eps absolute error of d (from log z_T / z_S).
+    torch.testing.assert_close(sqdist.double().cpu(), ref_sqdist, rtol=2e-4 if noise else 1e-6, atol=0.0)

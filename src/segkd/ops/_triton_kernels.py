@@ -10,11 +10,17 @@ whatever the storage dtype.
 Forward, two passes over each row (the second one mostly hits L2/L1, since the program has just
 read the same chunks):
 
-1. online max and sum of ``exp`` for the student and the teacher, giving ``lse = logsumexp(x / tau)``;
-2. with the exact statistics, per element ``d = log p_T - log p_S = (t - s) / tau - (lse_T - lse_S)``,
-   the KL term ``p_T * (d + exp(-d) - 1)`` (equal to ``p_T * d`` summed, because ``sum p_S = 1``) and
-   the difference ``p_S - p_T = p_T * expm1(-d)``. For ``|d| < 1/8`` both use a Taylor series in ``d``,
-   so near-identical inputs lose no digits to cancellation: the KL terms are non-negative and
+1. online max ``m`` of the raw inputs and sum ``z`` of ``exp((x - m) / tau)``; ``lse = m / tau + log z``
+   is stored for the backward;
+2. with the exact statistics, per element ``p_T = exp((t - m_T) / tau - log z_T)`` and
+   ``d = log p_T - log p_S = ((t - m_T) - (s - m_S)) / tau - log(z_T / z_S)`` (the raw part in whichever
+   order rounds less: ``(t - s) - (m_T - m_S)`` for near-identical rows), the KL term
+   ``p_T * (d + exp(-d) - 1)`` (equal to ``p_T * d`` summed, because ``sum p_S = 1``) and the difference
+   ``p_S - p_T = p_T * expm1(-d)``. The row max is subtracted before scaling by ``1/tau`` and ``lse`` is
+   never subtracted from a scaled logit, so logits of ``1e4`` lose nothing to the ``~1e-3`` fp32 rounding
+   of ``x / tau`` or ``lse``. For small ``|d|`` (below ``1/8`` in fp32, ``1/2`` in fp64) both use a
+   Taylor series in ``d`` (6th order in fp32, 15th in fp64: truncation below the dtype's rounding), so
+   near-identical inputs lose no digits to cancellation: the KL terms are non-negative and
    ``(p_S - p_T)^2`` is formed from an accurate difference, not from ``sum p_S^2 - 2 sum p_S p_T + sum p_T^2``.
 
 Backward, one pass: ``grad[r, i] = grad_kl[r] / tau * (p_S - p_T)`` in ``ACC``, rounded once on store.
@@ -26,6 +32,38 @@ from __future__ import annotations
 # hence the ``allow-untyped-defs`` mypy directive at the top of this file.
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _scaled(x, inv_tau, inv_tau_lo, EXACT_TAU: tl.constexpr):
+    """``x / tau`` in ``x``'s dtype; fp64 (``EXACT_TAU``) uses ``1/tau = inv_tau + inv_tau_lo`` (fp32 scalars)."""
+    if EXACT_TAU:
+        return x * inv_tau + x * inv_tau_lo
+    else:
+        return x * inv_tau
+
+
+@triton.jit
+def _expm1_neg_plus(d, ACC: tl.constexpr):
+    """``q = d + expm1(-d) = d^2/2 - d^3/3! + d^4/4! - ...``, the Taylor series used for small ``|d|``."""
+    if ACC == tl.float64:  # noqa: SIM300 (ACC is not a constant)
+        # 15th order: truncation below 2 |d|^14 / 16! < 6e-18 relative to q for |d| < 1/2.
+        c = 1.0 / 87178291200.0 - d * (1.0 / 1307674368000.0)
+        c = 1.0 / 6227020800.0 - d * c
+        c = 1.0 / 479001600.0 - d * c
+        c = 1.0 / 39916800.0 - d * c
+        c = 1.0 / 3628800.0 - d * c
+        c = 1.0 / 362880.0 - d * c
+        c = 1.0 / 40320.0 - d * c
+        c = 1.0 / 5040.0 - d * c
+        c = 1.0 / 720.0 - d * c
+        c = 1.0 / 120.0 - d * c
+        c = 1.0 / 24.0 - d * c
+        c = 1.0 / 6.0 - d * c
+        return d * d * (0.5 - d * c)
+    else:
+        # 6th order: truncation below 2 |d|^5 / 7! < 1.3e-8 relative to q for |d| < 1/8.
+        return d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0)))))
 
 
 @triton.jit
@@ -57,7 +95,9 @@ def channel_kl_forward_kernel(
     t_base = teacher_ptr + rows64[:, None] * teacher_row_stride
     offsets = tl.arange(0, BLOCK_L)[None, :]
 
-    # Pass 1: online max and sum of exp, per row, one chunk at a time.
+    # Pass 1: online max (of the raw inputs: max(x / tau) = max(x) / tau for tau > 0) and sum of
+    # exp((x - max) / tau), per row, one chunk at a time. The shift is subtracted before scaling, so
+    # x - max is rounded relative to itself, not to |x| / tau (which would cost ~eps * |x| / tau in the exponent).
     m_s = tl.full([ROWS], float("-inf"), ACC)
     m_t = tl.full([ROWS], float("-inf"), ACC)
     z_s = tl.full([ROWS], 0.0, ACC)
@@ -67,32 +107,31 @@ def channel_kl_forward_kernel(
         mask = row_ok[:, None] & (cols < row_length)
         s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC)
         t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC)
-        if EXACT_TAU:  # fp64: 1/tau = inv_tau + inv_tau_lo, as scalar arguments are fp32
-            s = s * inv_tau + s * inv_tau_lo
-            t = t * inv_tau + t * inv_tau_lo
-        else:
-            s = s * inv_tau
-            t = t * inv_tau
-        s = tl.where(mask, s, float("-inf"))
-        t = tl.where(mask, t, float("-inf"))
-        new_m_s = tl.maximum(m_s, tl.max(s, axis=1))
-        new_m_t = tl.maximum(m_t, tl.max(t, axis=1))
-        # Rows past the end see only -inf: shift by 0 there so that no inf - inf appears.
+        new_m_s = tl.maximum(m_s, tl.max(tl.where(mask, s, float("-inf")), axis=1))
+        new_m_t = tl.maximum(m_t, tl.max(tl.where(mask, t, float("-inf")), axis=1))
+        # Rows past the end see only -inf: shift by 0 there. No -inf enters the arithmetic (masked lanes
+        # become -inf after scaling, the running max is -inf only while z = 0): no inf - inf, no -inf * 0.
         shift_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
         shift_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-        z_s = z_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(s - shift_s[:, None]), axis=1)
-        z_t = z_t * tl.exp(m_t - shift_t) + tl.sum(tl.exp(t - shift_t[:, None]), axis=1)
+        e_s = tl.where(mask, _scaled(s - shift_s[:, None], inv_tau, inv_tau_lo, EXACT_TAU), float("-inf"))
+        e_t = tl.where(mask, _scaled(t - shift_t[:, None], inv_tau, inv_tau_lo, EXACT_TAU), float("-inf"))
+        r_s = tl.exp(_scaled(tl.where(m_s == float("-inf"), shift_s, m_s) - shift_s, inv_tau, inv_tau_lo, EXACT_TAU))
+        r_t = tl.exp(_scaled(tl.where(m_t == float("-inf"), shift_t, m_t) - shift_t, inv_tau, inv_tau_lo, EXACT_TAU))
+        z_s = z_s * r_s + tl.sum(tl.exp(e_s), axis=1)
+        z_t = z_t * r_t + tl.sum(tl.exp(e_t), axis=1)
         m_s = new_m_s
         m_t = new_m_t
     z_s = tl.where(row_ok, z_s, 1.0)
     z_t = tl.where(row_ok, z_t, 1.0)
     m_s = tl.where(row_ok, m_s, 0.0)
     m_t = tl.where(row_ok, m_t, 0.0)
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
-    # lse_T - lse_S without the rounding of the two lse (each off by ~ulp(lse) ~ 1e-6 in fp32):
-    # an error e in the gap adds ~e^2/2 to the KL, which matters only when p_S ~ p_T.
-    lse_gap = (m_t - m_s) + tl.log(z_t / z_s)
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
+    # log p = (x - m) / tau - log z: only the small log z is subtracted after scaling, where
+    # exp(x / tau - lse) would carry the rounding of lse (~eps * |m| / tau: 1e-3 at m / tau = 1e4 in fp32).
+    # The gap log z_T - log z_S as one log of the ratio: an error e in it adds ~e^2 / 2 to the KL.
+    log_z_gap = tl.log(z_t / z_s)
+    m_gap = m_t - m_s
 
     # Pass 2: exact per-element terms with the final statistics.
     kl = tl.full([ROWS], 0.0, ACC)
@@ -100,20 +139,25 @@ def channel_kl_forward_kernel(
     for start in range(0, row_length, BLOCK_L):
         cols = start + offsets
         mask = row_ok[:, None] & (cols < row_length)
-        s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC)
-        t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC)
-        if EXACT_TAU:
-            s = s * inv_tau + s * inv_tau_lo
-            t = t * inv_tau + t * inv_tau_lo
-        else:
-            s = s * inv_tau
-            t = t * inv_tau
-        p_s = tl.exp(s - lse_s[:, None])
-        p_t = tl.exp(t - lse_t[:, None])
-        d = (t - s) - lse_gap[:, None]
-        # q = d + expm1(-d) = d^2/2 - d^3/6 + d^4/24 - d^5/120 + d^6/720 for small |d|.
-        q = d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0)))))
-        small = tl.abs(d) < 0.125  # series truncation below 1e-8 relative there
+        # Masked lanes read the row's max: every term stays finite there (and is dropped from the sums).
+        s = tl.load(s_base + cols, mask=mask, other=m_s[:, None]).to(ACC)
+        t = tl.load(t_base + cols, mask=mask, other=m_t[:, None]).to(ACC)
+        x_s = s - m_s[:, None]
+        x_t = t - m_t[:, None]
+        p_t = tl.exp(_scaled(x_t, inv_tau, inv_tau_lo, EXACT_TAU) - log_z_t[:, None])
+        # d = log p_T - log p_S = ((t - m_T) - (s - m_S)) / tau - log(z_T / z_S), its raw part rounded with an
+        # error ~eps * (|t - m_T| + |s - m_S|) in this order, or ~eps * (|t - s| + |m_T - m_S|) as
+        # (t - s) - (m_T - m_S): take the smaller. The first is exact-ish where p_T matters (t ~ m_T) whatever
+        # the offsets of the two rows; the second keeps the digits of near-identical rows (t ~ s).
+        x_ts = t - s
+        d_raw = tl.where(
+            tl.abs(x_ts) + tl.abs(m_gap[:, None]) < tl.abs(x_t) + tl.abs(x_s), x_ts - m_gap[:, None], x_t - x_s
+        )
+        d = _scaled(d_raw, inv_tau, inv_tau_lo, EXACT_TAU) - log_z_gap[:, None]
+        q = _expm1_neg_plus(d, ACC)  # d + expm1(-d) for small |d|
+        small = tl.abs(d) < (0.5 if ACC == tl.float64 else 0.125)  # noqa: SIM300 (ACC is not a constant)
+        # p_S - p_T = p_T * expm1(-d) = p_T * (q - d) for small |d|, without cancellation.
+        p_s = tl.exp(_scaled(x_s, inv_tau, inv_tau_lo, EXACT_TAU) - log_z_s[:, None])
         diff = tl.where(small, p_t * (q - d), p_s - p_t)
         term = tl.where(small, p_t * q, p_t * d + diff)
         kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
@@ -122,8 +166,8 @@ def channel_kl_forward_kernel(
             sqdist += tl.sum(diff * diff, axis=1)
 
     tl.store(kl_ptr + rows, kl, mask=row_ok)
-    tl.store(lse_s_ptr + rows, lse_s, mask=row_ok)
-    tl.store(lse_t_ptr + rows, lse_t, mask=row_ok)
+    tl.store(lse_s_ptr + rows, _scaled(m_s, inv_tau, inv_tau_lo, EXACT_TAU) + log_z_s, mask=row_ok)
+    tl.store(lse_t_ptr + rows, _scaled(m_t, inv_tau, inv_tau_lo, EXACT_TAU) + log_z_t, mask=row_ok)
     if NEED_SQDIST:
         tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
 
