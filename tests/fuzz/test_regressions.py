@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from segkd.losses.cirkd import CIRKDLoss, cirkd_memory_kl, cirkd_minibatch_loss
-from segkd.losses.skd import pixel_kd_loss, skd_discriminator_hinge_loss
+from segkd.losses.ifvd import ifvd_loss
+from segkd.losses.skd import pixel_kd_loss, skd_discriminator_hinge_loss, skd_pairwise_loss
 
 
 def _old_pixel_kd_terms(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -172,3 +173,50 @@ def test_cirkd_minibatch_fp16_zero_vectors_equal_inputs_give_finite_gradient() -
     assert torch.isfinite(student.grad).all()
     zero = (features == 0).all(dim=1, keepdim=True).expand_as(features)
     assert (student.grad[zero] == 0).all()
+
+
+def test_skd_pairwise_fp16_zero_vector_gives_finite_gradient() -> None:
+    """docs/reliability.md (open issue, not a fuzz failure: ``_fits_fp16`` skipped such cases): inf student gradient.
+
+    fp16 ReLU-like features with an exactly zero pixel, a teacher that differs. ``F.normalize`` passed the zero
+    vector 1e12 x the upstream gradient (~1e10 here), inf once cast back to fp16. Fix: as in CIRKD, an exactly
+    zero vector passes no gradient.
+    """
+    student = torch.tensor([[[[0.0, 1.0, 0.5]], [[0.0, 0.25, 2.0]]]], dtype=torch.float16)  # (1, 2, 1, 3)
+    teacher = torch.tensor([[[[1.0, 0.5, -1.0]]]], dtype=torch.float16)
+    old = student.float().requires_grad_(True)  # the arithmetic before the fix
+    unit, unit_t = (torch.nn.functional.normalize(x.flatten(2), dim=1) for x in (old, teacher.float()))
+    old_loss = (unit.transpose(1, 2) @ unit - unit_t.transpose(1, 2) @ unit_t).square().mean()
+    (old_grad,) = torch.autograd.grad(old_loss, old)
+    assert torch.isinf(old_grad.half()).any()  # the input still overflows the old gradient
+    leaf = student.clone().requires_grad_(True)
+    skd_pairwise_loss(leaf, teacher, pool=1).backward()
+    assert leaf.grad is not None
+    assert torch.isfinite(leaf.grad).all()
+    assert (leaf.grad[0, :, 0, 0] == 0).all()
+    assert leaf.grad[0, :, 0, 1:].abs().max() > 0  # the other pixels still learn
+
+
+def test_ifvd_fp16_zero_pixel_gives_finite_gradient() -> None:
+    """docs/reliability.md (open issue, not a fuzz failure: ``_fits_fp16`` skipped such cases): inf student gradient.
+
+    An exactly zero fp16 pixel in a class whose centre is not zero: with its norm clamped at 1e-8 it got
+    1e8 x the upstream gradient, inf in fp16. Fix: a zero pixel's (or zero centre's) similarity passes no
+    gradient; the pixel still learns through its class centre.
+    """
+    student = torch.tensor([[[[0.0, 1.0, 0.5]], [[0.0, 0.25, 2.0]]]], dtype=torch.float16)  # (1, 2, 1, 3)
+    teacher = torch.tensor([[[[1.0, 0.5, 3.0]], [[1.0, 2.0, 0.5]]]], dtype=torch.float16)
+    labels = torch.zeros(1, 1, 3, dtype=torch.long)
+    old = student.float().requires_grad_(True)  # the arithmetic before the fix, for the zero pixel's own term
+    centre = old.flatten(2).sum(dim=2) / (3 + 1e-6)
+    norm = torch.linalg.vector_norm(old[0, :, 0, 0]).clamp_min(1e-8) * torch.linalg.vector_norm(centre).clamp_min(1e-8)
+    (old_grad,) = torch.autograd.grad(old[0, :, 0, 0] @ centre[0] / norm, old)
+    assert torch.isinf(old_grad.half()).any()  # the input still overflows the old gradient
+    leaf = student.clone().requires_grad_(True)
+    ifvd_loss(leaf, teacher, labels, 1).backward()
+    assert leaf.grad is not None
+    assert torch.isfinite(leaf.grad).all()
+    assert leaf.grad[0, :, 0, 0].abs().max() > 0  # through the centre
+    # The bound of ifvd_loss's docstring, 4 / (N h w) * (1 / |f| + 1 / |c|), at the smallest non-zero |f|.
+    smallest = torch.linalg.vector_norm(student[0, :, 0, 1:].double(), dim=0).min()
+    assert leaf.grad.abs().max() <= 4 / 3 * (1 / smallest + 1 / torch.linalg.vector_norm(centre.detach().double()))

@@ -155,6 +155,98 @@ def test_zero_feature_vectors_are_finite():
     torch.testing.assert_close(loss.detach(), _loop_loss(student.detach(), teacher, labels, 4))
 
 
+def _zero_vector_inputs(dtype):
+    """Positive features with exactly zero vectors: single pixels, and all of class 1 in image 0 (a zero centre)."""
+    gen = torch.Generator().manual_seed(30)
+    student = torch.rand(2, 3, 4, 5, generator=gen, dtype=torch.float64) + 0.1
+    teacher = torch.rand(2, 4, 4, 5, generator=gen, dtype=torch.float64) + 0.1
+    labels = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    labels[0, 0] = 1
+    labels[0, 1:][labels[0, 1:] == 1] = 0  # class 1 of image 0: exactly row 0
+    labels[1, 3, 4] = 255
+    student[0, :, 0] = 0.0  # the whole of class 1 in image 0
+    student[0, :, 2, 1] = 0.0
+    student[1, :, 1, 3] = 0.0
+    student[1, :, 3, 4] = 0.0  # an ignored zero pixel
+    teacher[0, :, 2, 1] = 0.0
+    teacher[1, :, 0] = 0.0
+    return student.to(dtype), teacher.to(dtype), labels
+
+
+def _ifvd_gradient_bound(student, labels, num_classes):
+    """Per element: 4 / (N h w) * (1 / |f_p| + 1 / |c_k|), each term dropped where its vector is zero.
+
+    dL/ds_p = 2 (s^S_p - s^T_p) / (N h w) with |s^S - s^T| <= 2; |ds_p / df_p| <= 1 / |f_p| directly, and
+    through the centre |ds_q / dc_k| <= 1 / |c_k| for each of the class's count pixels q, times
+    dc_k / df_p = 1 / (count + 1e-6).
+    """
+    feats = student.double()
+    n, _, h, w = feats.shape
+    pixel_norms = torch.linalg.vector_norm(feats, dim=1)
+    bound = torch.zeros(n, h, w, dtype=torch.float64)
+    for image in range(n):
+        for k in range(num_classes):
+            mask = labels[image] == k
+            if mask.any():
+                centre_norm = torch.linalg.vector_norm(feats[image][:, mask].mean(dim=1))
+                bound[image][mask] = 1.0 / centre_norm if centre_norm > 0 else 0.0
+    bound = bound + torch.where(pixel_norms > 0, 1.0 / pixel_norms, 0.0)
+    return (4.0 / (n * h * w) * bound).unsqueeze(1)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+def test_zero_vectors_pass_no_gradient_through_their_similarity(dtype):
+    # Before the fix a zero student pixel got ~1e8 x the upstream gradient (the norm clamped at 1e-8): inf in fp16.
+    student, teacher, labels = _zero_vector_inputs(dtype)
+    leaf = student.clone().requires_grad_(True)
+    loss = ifvd_loss(leaf, teacher, labels, 3)
+    loss.backward()
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss.double(), _loop_loss(student, teacher, labels, 3), rtol=rtol, atol=1e-12)
+    grad = leaf.grad.double()
+    assert torch.isfinite(grad).all()
+    assert (grad.abs() <= _ifvd_gradient_bound(student, labels, 3) * 1.01).all()  # 1%: the fp16/bf16 rounding
+    assert (grad[0, :, 0] == 0).all()  # a class of zero pixels: zero centre, no gradient at all
+    assert (grad[1, :, 3, 4] == 0).all()  # ignored
+    assert (grad[0, :, 2, 1] != 0).any()  # a zero pixel of a non-zero class still learns through its centre
+    # At non-zero pixels the gradient is unchanged: the float64 reference's.
+    exact = student.double().requires_grad_(True)
+    ifvd_loss_reference(exact, teacher.double(), labels, 3).backward()
+    nonzero = (student != 0).any(dim=1, keepdim=True).expand_as(grad)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    scale = exact.grad[nonzero].abs().max()
+    torch.testing.assert_close(grad[nonzero], exact.grad[nonzero], rtol=tol, atol=tol * scale)
+
+
+def test_cancelling_features_give_a_zero_centre_without_gradient():
+    # Three pixels of class 0 that sum to zero: the centre is exactly zero, their similarities are 0 and pass
+    # no gradient (before the fix: 1e8 x the upstream gradient, through the centre, to each of them).
+    student = torch.tensor([[[[1.0, 1.0, -2.0, 0.5]], [[2.0, -1.0, -1.0, 0.3]]]]).requires_grad_(True)
+    teacher = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]])
+    labels = torch.tensor([[[0, 0, 0, 1]]])
+    loss = ifvd_loss(student, teacher, labels, 2, reduction="none")
+    assert loss[0, 0, :3].tolist() == [1.0, 1.0, 1.0]  # (0 - 1)^2: the teacher's pixels sit on their centre
+    loss.sum().backward()
+    assert (student.grad[..., :3] == 0).all()
+
+
+@pytest.mark.skipif(not torch.amp.is_autocast_available("cpu"), reason="no CPU autocast")
+def test_zero_vectors_under_bfloat16_autocast():
+    student, teacher, labels = _zero_vector_inputs(torch.float32)
+    plain, under = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    want = ifvd_loss(plain, teacher, labels, 3)
+    want.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ifvd_loss(under, teacher, labels, 3)
+    got.backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(under.grad, plain.grad)
+    assert (under.grad.abs() <= _ifvd_gradient_bound(student, labels, 3) * 1.01).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
 def test_other_label_dtypes(dtype):
     student, teacher, labels = _inputs(14)

@@ -143,6 +143,76 @@ def test_pairwise_relu_features_with_zero_vectors():
     assert torch.isfinite(student.grad).all()
 
 
+def _features_with_zero_cells(shape, seed, zero_cells, pool):
+    """Positive features (no ties inside a cell) with the given ``(n, row, col)`` pooled cells exactly zero."""
+    feat = _randn(*shape, seed=seed).abs() + 0.1
+    for n, r, c in zero_cells:
+        feat[n, :, r * pool : (r + 1) * pool, c * pool : (c + 1) * pool] = 0.0
+    return feat
+
+
+def _pairwise_gradient_bound(student, pool):
+    """Per element: 8 / (N P |u|), with u the pooled vector the element belongs to and P the pooled positions.
+
+    dL/dA_ij = 2 (A_S - A_T)_ij / (N P^2) with |A_S - A_T| <= 2, so dL/du_hat_i (P terms j, each for A_ij and
+    A_ji, |u_hat_j| <= 1) is at most 8 / (N P); the normalisation's Jacobian (I - u_hat u_hat^T) / |u| has norm
+    1 / |u|, and the max pooling hands each pooled value's gradient to one element.
+    """
+    n, _, h, w = student.shape
+    pooled = F.max_pool2d(student.double(), pool, pool, ceil_mode=True)
+    positions = pooled.shape[2] * pooled.shape[3]
+    norms = torch.linalg.vector_norm(pooled, dim=1, keepdim=True)
+    norms = norms.repeat_interleave(pool, dim=2).repeat_interleave(pool, dim=3)[:, :, :h, :w]
+    return 8.0 / (n * positions * norms)  # inf at zero vectors: no bound needed, their gradient is 0
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=["fp64", "fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("pool", [1, 2])
+def test_pairwise_zero_vectors_pass_no_gradient_and_the_rest_is_bounded(dtype, pool):
+    # Student and teacher with exactly zero pooled vectors (as after a ReLU). Before the fix the student's zero
+    # vectors got ~1e12 x the upstream gradient (F.normalize's 1 / eps): inf in fp16.
+    student = _features_with_zero_cells((2, 3, 4, 6), 20, [(0, 0, 0), (0, 1, 2), (1, 1, 1)], pool).to(dtype)
+    teacher = _features_with_zero_cells((2, 5, 4, 6), 21, [(0, 0, 0), (1, 0, 2)], pool).to(dtype)
+    leaf = student.clone().requires_grad_(True)
+    loss = skd_pairwise_loss(leaf, teacher, pool=pool)
+    loss.backward()
+    # The value is the formula's (a zero vector normalises to zero), computed in fp32 for half inputs.
+    assert loss.item() == pytest.approx(
+        _loop_pairwise(student, teacher, pool), rel=1e-10 if dtype == torch.float64 else 1e-5
+    )
+    grad = leaf.grad.double()
+    assert torch.isfinite(grad).all()
+    zero = (F.max_pool2d(student.double(), pool, pool, ceil_mode=True) == 0).all(dim=1, keepdim=True)
+    zero = zero.repeat_interleave(pool, dim=2).repeat_interleave(pool, dim=3)[:, :, :4, :6].expand_as(grad)
+    assert (grad[zero] == 0).all()
+    assert (grad.abs() <= _pairwise_gradient_bound(student, pool) * 1.01).all()  # 1%: the fp16/bf16 rounding
+    # Elsewhere the gradient is unchanged: the float64 reference's (a zero vector's own gradient there is NaN).
+    exact = student.double().requires_grad_(True)
+    skd_pairwise_loss_reference(exact, teacher.double(), pool).backward()
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(grad[~zero], exact.grad[~zero], rtol=tol, atol=tol * exact.grad[~zero].abs().max())
+
+
+@pytest.mark.skipif(not torch.amp.is_autocast_available("cpu"), reason="no CPU autocast")
+def test_pairwise_under_bfloat16_autocast_is_float32_with_zero_vectors():
+    student = _features_with_zero_cells((2, 3, 4, 4), 22, [(0, 0, 0), (1, 1, 0)], 2).float()
+    teacher = _features_with_zero_cells((2, 4, 4, 4), 23, [(1, 0, 1)], 2).float()
+    plain, under = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    want = skd_pairwise_loss(plain, teacher)
+    want.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = skd_pairwise_loss(under, teacher)
+        bf16 = skd_pairwise_loss(student.bfloat16().requires_grad_(True), teacher.bfloat16())
+    got.backward()
+    assert got.dtype == bf16.dtype == torch.float32  # the similarities are not run in bf16 by autocast
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(under.grad, plain.grad)
+    assert torch.isfinite(bf16)
+    assert (under.grad[0, :, :2, :2] == 0).all()
+
+
 def test_pairwise_zero_for_identical_and_scaled_features():
     feat = _randn(2, 4, 6, 5, seed=5)
     assert skd_pairwise_loss(feat, feat.clone()).item() == pytest.approx(0.0, abs=1e-14)

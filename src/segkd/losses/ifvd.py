@@ -69,6 +69,9 @@ def class_centre_similarity(features: Tensor, index: Tensor, num_slots: int) -> 
 
     Computed in one pass with ``scatter_add`` over the pixels (no loop over classes), in fp32
     (fp64 for fp64 input). Gradients flow both through the pixel and through its class centre.
+    Where :math:`f_{n,p}` or :math:`c_{n,y_{n,p}}` is exactly zero (no direction), :math:`s_{n,p} = 0`
+    as the formula gives, but it passes no gradient (the clamped norms would pass ``1e8`` times the
+    upstream gradient to that zero vector); a zero pixel still gets its gradient through its centre.
 
     Args:
         features: feature maps.
@@ -93,7 +96,11 @@ def class_centre_similarity(features: Tensor, index: Tensor, num_slots: int) -> 
     centre_norms = torch.linalg.vector_norm(centres, dim=1).clamp_min(_COS_EPS)  # (N, K)
     pixel_norms = torch.linalg.vector_norm(feats, dim=1).clamp_min(_COS_EPS)  # (N, L)
     dots = (feats * centres.gather(2, expanded)).sum(dim=1)  # (N, L)
-    return dots / (pixel_norms * centre_norms.gather(1, index))
+    # A zero pixel or centre has dot 0, so similarity 0 either way; the where keeps the clamped norm's
+    # 1 / eps = 1e8 gradient (inf in fp16) from reaching that zero vector or, through the centre, its class.
+    without_direction = (feats == 0).all(dim=1) | (centres == 0).all(dim=1).gather(1, index)  # (N, L)
+    similarity = dots / (pixel_norms * centre_norms.gather(1, index))
+    return torch.where(without_direction, torch.zeros_like(similarity), similarity)
 
 
 def ifvd_loss(
@@ -127,6 +134,13 @@ def ifvd_loss(
     ignored. Here such a value (other than ``ignore_index``) raises ``ValueError``; the check reads one
     boolean back to the host (one device synchronisation per call on CUDA) and looks only at the
     resampled labels, the ones the loss uses.
+
+    Zero vectors (e.g. all-zero ReLU features): a pixel whose feature vector or class centre is
+    exactly zero has similarity 0 and passes no gradient through it (the zero pixel still learns
+    through its class centre), where the clamped norms would pass ``1e8`` times the upstream gradient,
+    inf for fp16 features. Each element of the student gradient is then at most
+    :math:`\frac{4}{N h w} \left(\frac{1}{\lVert f_{n,p} \rVert} + \frac{1}{\lVert c_{n,y_{n,p}} \rVert}\right)`
+    for ``"mean"``, a term left out where its vector is zero.
 
     The teacher is detached inside: it never receives a gradient.
 

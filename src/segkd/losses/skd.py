@@ -37,12 +37,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
+def _unit_vectors(feat: Tensor) -> Tensor:
+    """``F.normalize`` along dim 1, except that an exactly zero vector (it stays zero) passes no gradient.
+
+    ``F.normalize`` gives a zero vector ``1 / eps = 1e12`` times the upstream gradient: inf once cast back
+    to an fp16 student. ``torch.where`` routes no gradient to the kept-but-detached zero vectors instead.
+    """
+    unit = F.normalize(feat, p=2.0, dim=1)
+    return torch.where((feat == 0).all(dim=1, keepdim=True), unit.detach(), unit)
+
+
 def _pairwise_similarity(feat: Tensor, pool: int) -> Tensor:
     """Max-pool (ceil mode), L2-normalise over channels, return the ``(N, hw, hw)`` cosine similarities."""
     if pool > 1:
         feat = F.max_pool2d(feat, kernel_size=pool, stride=pool, padding=0, ceil_mode=True)
-    feat = F.normalize(feat.flatten(2), p=2.0, dim=1)  # (N, C, hw); a zero vector stays zero
-    return torch.bmm(feat.transpose(1, 2), feat)
+    unit = _unit_vectors(feat.flatten(2))  # (N, C, hw); a zero vector stays zero, with no gradient
+    # In the input's compute dtype (fp32 for half inputs) also under autocast, which would run bmm in half.
+    with torch.autocast(device_type=unit.device.type, enabled=False):
+        return torch.bmm(unit.transpose(1, 2), unit)
 
 
 def skd_pairwise_loss(
@@ -71,9 +83,11 @@ def skd_pairwise_loss(
 
     **Memory**: two ``(N, hw, hw)`` matrices with ``hw = ceil(H / pool) * ceil(W / pool)``, in fp32;
     a 64 x 128 feature map at ``pool=2`` gives ``hw = 2048``, i.e. 16 MiB per image and matrix.
-    A pooled position whose feature vector is exactly zero normalises to zero (similarity 0 with
-    everything); the normalisation is not differentiable there and, as in ``F.normalize``, its
-    gradient is of order ``1e12``.
+    A pooled position whose feature vector is exactly zero (e.g. after a ReLU) normalises to zero
+    (similarity 0 with everything) and passes no gradient, where ``F.normalize`` would pass ``1e12``
+    times the upstream gradient (inf for fp16 features); every other student gradient is bounded by
+    ``8 / (N hw |f_i|)`` per element for ``"mean"``. The similarities are computed in fp32 (fp64 for
+    fp64 inputs) also under ``torch.autocast``.
 
     Args:
         student_feat: student feature map.
