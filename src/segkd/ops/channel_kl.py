@@ -44,10 +44,15 @@ def _triton_module() -> ModuleType | None:
         return None
 
 
-@torch.compiler.assume_constant_result
 def _triton_available() -> bool:
-    # A constant for torch.compile: Dynamo would otherwise break the graph at importlib.
+    # A constant for torch.compile (marked below): Dynamo would otherwise break the graph at importlib.
     return _triton_module() is not None
+
+
+# What `torch.compiler.assume_constant_result` does, without the ~1 s import of torch._dynamo (and Triton) that
+# decorator costs at `import segkd`: Dynamo reads this attribute when it traces a call, and then runs the function
+# instead of tracing it. tests/test_import_time.py checks that the decorator still sets exactly this attribute.
+_triton_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def available_backends() -> list[str]:
