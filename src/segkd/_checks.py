@@ -349,3 +349,17 @@ def check_finite_if_enabled(value: Tensor, name: str) -> None:
             f"Expected `{name}` to be finite, found {bad} NaN/Inf values in a tensor of shape {shape_str(value.shape)} "
             "(this check is on because SEGKD_CHECK_FINITE=1)."
         )
+
+
+def check_weights_tensor(value: Any, name: str, logits: Tensor) -> Tensor:
+    """Validate per-channel weights against ``(N, C, ...)`` logits: a floating ``(N, C)`` tensor on their device."""
+    check_floating_tensor(value, name)
+    expected = tuple(logits.shape[:2])
+    if tuple(value.shape) != expected:
+        raise ValueError(
+            f"Expected `{name}` to have shape (N, C) = {shape_str(expected)} for logits of shape "
+            f"{shape_str(logits.shape)}, got {shape_str(value.shape)}."
+        )
+    check_same_device(value, logits, name, "student")
+    check_finite_if_enabled(value, name)
+    return value

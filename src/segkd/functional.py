@@ -8,6 +8,7 @@ from segkd.losses.ifvd import ifvd_loss
 from segkd.losses.mgd import mgd_loss, mgd_mask
 from segkd.losses.skd import pixel_kd_loss, skd_discriminator_hinge_loss, skd_generator_hinge_loss, skd_pairwise_loss
 from segkd.ops.channel_kl import channel_kl
+from segkd.ops.weighted_kl import weighted_channel_kl
 
 __all__ = [
     "channel_kl",
@@ -25,4 +26,5 @@ __all__ = [
     "ifvd_loss",
     "mgd_loss",
     "mgd_mask",
+    "weighted_channel_kl",
 ]

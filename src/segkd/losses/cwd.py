@@ -7,8 +7,8 @@ from typing import Literal
 from torch import Tensor, nn
 
 from segkd import _checks
-from segkd.losses._reduction import reduce_terms
-from segkd.ops.channel_kl import BACKENDS, Backend, channel_kl
+from segkd.ops.channel_kl import BACKENDS, Backend
+from segkd.ops.weighted_kl import weighted_channel_kl
 
 __all__ = ["CWDLoss", "cwd_loss"]
 
@@ -73,8 +73,8 @@ def cwd_loss(
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     tau = _checks.check_positive(tau, "tau")
-    kl = channel_kl(student, teacher, tau, backend=backend)  # detaches the teacher
-    return reduce_terms(kl * (tau * tau), reduction)
+    # The fused op: KL rows, tau^2 scaling and reduction; it detaches the teacher.
+    return weighted_channel_kl(student, teacher, tau, "uniform", reduction=reduction, backend=backend)
 
 
 class CWDLoss(nn.Module):

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from segkd import _checks
-from segkd.losses._reduction import reduce_terms
+from segkd.ops import _weighting
 from segkd.ops.channel_kl import BACKENDS, Backend, channel_kl
+from segkd.ops.weighted_kl import weighted_channel_kl
 
 __all__ = ["DISTANCES", "HWDLoss", "hwd_curve", "hwd_loss", "hwd_weights", "hwd_weights_from_divergence"]
 
 Reduction = Literal["mean", "sum", "none"]
 Distance = Literal["prob", "logits"]
 DISTANCES = ("prob", "logits")
-
-
-def _weight_dtype(device: torch.device) -> torch.dtype:
-    # The weights are an (N, C) side computation: do it in fp64 where the device has it.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def hwd_curve(x: Tensor, beta: float) -> Tensor:
@@ -48,15 +43,7 @@ def hwd_curve(x: Tensor, beta: float) -> Tensor:
         tensor([-10.0000,   0.0000,   1.0000], dtype=torch.float64)
     """
     beta = _checks.check_positive(beta, "beta")
-    if beta == 1.0:
-        return x.clone()
-    log_beta = math.log(beta)
-    limit = 700.0 if x.dtype == torch.float64 else 80.0
-    g = torch.expm1((x * log_beta).clamp(-limit, limit)) / math.expm1(log_beta)
-    # With beta within ~1e-10 of 1 and a huge |x|, the division can still overflow; +-inf would
-    # make the softmax of the weights NaN, so saturate at the largest finite value instead.
-    largest = torch.finfo(g.dtype).max
-    return g.clamp_(-largest, largest)
+    return _weighting.hwd_curve(x, beta)
 
 
 def hwd_weights_from_divergence(divergence: Tensor, mu: float = 0.0, beta: float = 0.1) -> Tensor:
@@ -103,22 +90,7 @@ def hwd_weights_from_divergence(divergence: Tensor, mu: float = 0.0, beta: float
     _checks.check_exact_dims(divergence, "divergence", 2, "(N, C)")
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
-    channels = divergence.shape[1]
-    d = divergence.detach().to(_weight_dtype(divergence.device))
-    if channels == 1:
-        z = torch.zeros_like(d)
-    else:
-        # Shifting by the first channel first makes "all equal" give exact zeros, whatever rounding
-        # the mean would otherwise introduce.
-        centred = d - d[:, :1]
-        centred = centred - centred.mean(dim=1, keepdim=True)
-        std = centred.square().sum(dim=1, keepdim=True).div(channels - 1).sqrt()
-        degenerate = ~(std > 0) | ~torch.isfinite(std)
-        z = centred / torch.where(degenerate, torch.ones_like(std), std)
-        z = torch.where(degenerate | ~torch.isfinite(z), torch.zeros_like(z), z)
-    g = hwd_curve(z + mu, beta)
-    weights = channels * torch.softmax(g, dim=1)
-    return weights.to(divergence.dtype)
+    return _weighting.hwd_weights(divergence, mu, beta)
 
 
 def _divergence(student: Tensor, teacher: Tensor, tau: float, distance: str, backend: Backend) -> Tensor:
@@ -259,13 +231,10 @@ def hwd_loss(
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
     distance = _checks.check_choice(distance, "distance", DISTANCES)  # type: ignore[assignment]
-    if distance == "prob":
-        kl, divergence = channel_kl(student, teacher, tau, return_sqdist=True, backend=backend)
-    else:
-        kl = channel_kl(student, teacher, tau, backend=backend)
-        divergence = _divergence(student, teacher, tau, distance, backend)
-    weights = hwd_weights_from_divergence(divergence, mu, beta)
-    return reduce_terms(weights * kl * (tau * tau), reduction)
+    if distance == "prob":  # weights, loss and reduction all inside the fused op
+        return weighted_channel_kl(student, teacher, tau, "hwd", mu=mu, beta=beta, reduction=reduction, backend=backend)
+    weights = hwd_weights_from_divergence(_divergence(student, teacher, tau, distance, backend), mu, beta)
+    return weighted_channel_kl(student, teacher, tau, weights, reduction=reduction, backend=backend)
 
 
 class HWDLoss(nn.Module):

@@ -38,7 +38,9 @@ from torch import Tensor
 from segkd.ops import _triton_kernels
 from segkd.ops._torch_backend import compute_dtype
 
-__all__ = ["backward", "forward"]
+__all__ = ["FUSED_COEFFICIENTS", "backward", "forward"]
+
+FUSED_COEFFICIENTS = True  # backward() takes coef=: a weighted loss's backward is one launch
 
 FORWARD_MAX_BLOCK_L = 2048
 BACKWARD_MAX_BLOCK_L = 2048
@@ -149,11 +151,26 @@ def forward(
     return kl, sqdist, lse_s, lse_t
 
 
-def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float) -> Tensor:
-    """Gradient of ``sum_r grad_kl[r] * KL_r`` with respect to the student rows."""
+def backward(
+    student: Tensor,
+    teacher: Tensor,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    grad_kl: Tensor,
+    tau: float,
+    coef: Tensor | None = None,
+) -> Tensor:
+    """Gradient of ``sum_r grad_kl[r] * KL_r`` with respect to the student rows.
+
+    With ``coef`` (``(R,)``, ``d loss / d kl`` of a loss built on the KL), the gradient of that loss:
+    ``grad_kl`` is then the loss's incoming gradient, one element (a scalar loss) or ``R``.
+    """
     student, teacher = _rows(student), _rows(teacher)
     num_rows, row_length = student.shape
-    grad_kl = grad_kl.contiguous()
+    grad_kl = grad_kl.reshape(-1)
+    grad_kl_stride = 0 if grad_kl.numel() == 1 else 1
+    if grad_kl_stride and grad_kl.stride(0) != 1:
+        grad_kl = grad_kl.contiguous()
     grad = _new_output((num_rows, row_length), student.dtype, student.device)
     rows, block_l = _tile(row_length, num_rows, BACKWARD_MAX_BLOCK_L)
     num_col_blocks = triton.cdiv(row_length, block_l)
@@ -165,18 +182,21 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
             lse_s,
             lse_t,
             grad_kl,
+            grad_kl if coef is None else coef,  # never read without HAS_COEF
             grad,
             num_rows,
             row_length,
             student.stride(0),
             teacher.stride(0),
             grad.stride(0),
+            grad_kl_stride,
             *_split_inverse(tau),
             num_col_blocks,
             ROWS=rows,
             BLOCK_L=block_l,
             ACC=_acc(lse_s.dtype),
             EXACT_TAU=lse_s.dtype == torch.float64,
+            HAS_COEF=coef is not None,
             num_warps=_num_warps(rows * block_l),
         )
     return grad

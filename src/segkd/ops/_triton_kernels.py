@@ -179,12 +179,14 @@ def channel_kl_backward_kernel(
     lse_s_ptr,
     lse_t_ptr,
     grad_kl_ptr,
+    coef_ptr,
     grad_ptr,
     num_rows,
     row_length,
     student_row_stride,
     teacher_row_stride,
     grad_row_stride,
+    grad_kl_stride,
     inv_tau,
     inv_tau_lo,
     num_col_blocks,
@@ -192,8 +194,14 @@ def channel_kl_backward_kernel(
     BLOCK_L: tl.constexpr,
     ACC: tl.constexpr,
     EXACT_TAU: tl.constexpr,
+    HAS_COEF: tl.constexpr,
 ):
-    """``grad[r, i] = grad_kl[r] / tau * (p_S[r, i] - p_T[r, i])`` for one ``ROWS x BLOCK_L`` tile."""
+    """``grad[r, i] = g[r] / tau * (p_S[r, i] - p_T[r, i])`` for one ``ROWS x BLOCK_L`` tile.
+
+    ``g[r] = grad_kl[r * grad_kl_stride]``, times ``coef[r]`` when ``HAS_COEF``: a loss's incoming
+    gradient (one scalar, stride 0, or one value per row) and its ``d loss / d kl``, folded in here
+    instead of in a separate launch.
+    """
     pid = tl.program_id(0)
     row_block = pid // num_col_blocks
     col_block = pid % num_col_blocks
@@ -204,7 +212,9 @@ def channel_kl_backward_kernel(
     rows64 = rows.to(tl.int64)
     lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    g = tl.load(grad_kl_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    g = tl.load(grad_kl_ptr + rows64 * grad_kl_stride, mask=row_ok, other=0.0).to(ACC)
+    if HAS_COEF:
+        g = g * tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
     s = tl.load(student_ptr + rows64[:, None] * student_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(teacher_ptr + rows64[:, None] * teacher_row_stride + cols, mask=mask, other=0.0).to(ACC)
     if EXACT_TAU:  # fp64: 1/tau = inv_tau + inv_tau_lo, as scalar arguments are fp32

@@ -1,0 +1,181 @@
+# mypy: allow-untyped-defs
+"""Triton finalize step of :func:`segkd.ops.weighted_channel_kl`: weights, loss and backward coefficients.
+
+One launch of one program turns the ``(R,)`` per-row KL values (``R = N * C``) into the loss and
+``coef[r] = d loss / d kl[r]``, so a CWD or HWD forward is two kernels (rows, then this) and its
+backward one. The program walks the batch ``IMAGES`` images at a time, each image's ``C`` channels
+in one ``BLOCK_C`` block, and adds the loss in a fixed order: the result is deterministic. It is
+the Triton twin of ``_weighting.finalize`` (the PyTorch reference it is tested against); the HWD
+weights follow the same steps: shift by the first channel, standardise with the unbiased std
+(``z = 0`` where it is zero or not finite), ``g = expm1(clamp(x ln beta)) / expm1(ln beta)``,
+saturated, and ``w = C * softmax_c(g)`` formed as ``(C * e) / sum(e)`` so that equal ``g`` give
+exactly 1. Arithmetic is in fp64 whatever the input dtype, as in the PyTorch path (the arrays are
+``N * C`` long: nothing next to the row kernels); scalar arguments come as fp32 pairs ``hi + lo``,
+since Triton passes Python floats as fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from segkd.ops import _weighting
+from segkd.ops._triton_backend import _device_guard, _kernel_for, _to_fp32
+
+__all__ = ["finalize"]
+
+MODE_CODES = {"uniform": 0, "hwd": 1, "given": 2}
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+TARGET_BLOCK_ELEMENTS = 4096
+MAX_BLOCK_C = 8192  # more channels per image than this: the PyTorch finalize (never seen in segmentation)
+
+
+@triton.jit
+def _expm1(y):
+    """``exp(y) - 1`` without cancellation: a Taylor series where ``|y| < 1/16``."""
+    series = y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))))
+    series = series + y * y * y * y * y * y * y * (1.0 / 5040.0 + y * (1.0 / 40320.0 + y * (1.0 / 362880.0)))
+    return tl.where(tl.abs(y) < 0.0625, series, tl.exp(y) - 1.0)
+
+
+@triton.jit
+def weighted_finalize_kernel(
+    kl_ptr,
+    aux_ptr,
+    loss_ptr,
+    coef_ptr,
+    num_images,
+    channels,
+    mu,
+    mu_lo,
+    log_beta,
+    log_beta_lo,
+    scale,
+    scale_lo,
+    MODE: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    BETA_IS_ONE: tl.constexpr,
+    IMAGES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Loss and ``coef`` of ``reduce(scale * w * kl)``; one program for the whole batch, arithmetic in fp64."""
+    cols = tl.arange(0, BLOCK_C)[None, :]
+    col_ok = cols < channels
+    num_rows = num_images * channels
+    # fp64 scalars from their fp32 pairs (hi + lo keeps ~48 bits of the Python float).
+    zero = tl.zeros([], tl.float64)
+    mu_acc = (zero + mu) + mu_lo
+    log_beta_acc = (zero + log_beta) + log_beta_lo
+    scale_acc = (zero + scale) + scale_lo
+    if not BETA_IS_ONE:
+        curve_denominator = _expm1(log_beta_acc)
+        # HWD's curve saturates: |x ln beta| <= 700 (as the PyTorch path does in fp64), |g| <= 2^1023.
+        largest = tl.exp2(tl.full([], 1023.0, tl.float64))
+    if REDUCTION == 0:  # noqa: SIM108 (a constexpr branch)
+        row_share = 1.0 / (zero + num_rows)
+    else:
+        row_share = zero + 1.0
+    total = tl.full([IMAGES], 0.0, tl.float64)
+    for start in range(0, num_images, IMAGES):
+        images = start + tl.arange(0, IMAGES)[:, None]
+        mask = (images < num_images) & col_ok
+        offsets = images.to(tl.int64) * channels + cols
+        kl = tl.load(kl_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+        if MODE == 0:
+            coef = tl.where(mask, scale_acc, 0.0)
+        elif MODE == 2:
+            coef = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64) * scale_acc
+        else:
+            d = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+            first = tl.load(aux_ptr + images.to(tl.int64) * channels, mask=images < num_images, other=0.0)
+            centred = tl.where(mask, d - first.to(tl.float64), 0.0)
+            centred = tl.where(mask, centred - tl.sum(centred, axis=1)[:, None] / channels, 0.0)
+            variance = tl.sum(centred * centred, axis=1) / tl.maximum(channels - 1, 1)
+            std = tl.where(channels > 1, tl.sqrt(variance), 0.0)
+            degenerate = ~(std > 0.0) | ~(std < float("inf"))
+            z = centred / tl.where(degenerate, 1.0, std)[:, None]
+            z = tl.where(degenerate[:, None] | ~(tl.abs(z) < float("inf")), 0.0, z)
+            x = z + mu_acc
+            if BETA_IS_ONE:
+                g = x
+            else:
+                y = tl.minimum(tl.maximum(x * log_beta_acc, -700.0), 700.0)
+                g = _expm1(y) / curve_denominator
+                g = tl.minimum(tl.maximum(g, -largest), largest)
+            g = tl.where(mask, g, float("-inf"))
+            peak = tl.max(g, axis=1)
+            peak = tl.where(peak == float("-inf"), 0.0, peak)
+            e = tl.where(mask, tl.exp(g - peak[:, None]), 0.0)
+            total_e = tl.sum(e, axis=1)
+            total_e = tl.where(total_e > 0.0, total_e, 1.0)
+            coef = ((channels * e) / total_e[:, None]) * scale_acc
+        terms = coef * kl
+        if REDUCTION == 2:
+            tl.store(loss_ptr + offsets, terms.to(loss_ptr.dtype.element_ty), mask=mask)
+        else:
+            total += tl.sum(tl.where(mask, terms, 0.0), axis=1)
+        tl.store(coef_ptr + offsets, (coef * row_share).to(coef_ptr.dtype.element_ty), mask=mask)
+    if REDUCTION != 2:
+        tl.store(loss_ptr, (tl.sum(total, axis=0) * row_share).to(loss_ptr.dtype.element_ty))
+
+
+def _split(value: float) -> tuple[float, float]:
+    """``value`` as an fp32 number plus the fp32 rest (fp64 kernels add them back)."""
+    high = _to_fp32(value)
+    rest = value - high if math.isfinite(high) else 0.0
+    return high, _to_fp32(rest)
+
+
+def _tile(num_images: int, channels: int) -> tuple[int, int]:
+    block_c = triton.next_power_of_2(channels)
+    images = max(1, min(TARGET_BLOCK_ELEMENTS // block_c, triton.next_power_of_2(num_images)))
+    return images, block_c
+
+
+def finalize(
+    kl: Tensor,
+    aux: Tensor | None,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    scale: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """Same contract as ``_weighting.finalize``: ``(loss, coef)`` in ``kl``'s dtype."""
+    if channels > MAX_BLOCK_C:
+        return _weighting.finalize(kl, aux, channels, mode, mu, beta, scale, reduction)
+    num_rows = kl.shape[0]
+    num_images = num_rows // channels
+    loss_shape: tuple[int, ...] = (num_images, channels) if reduction == "none" else ()
+    loss = torch.empty(loss_shape, dtype=kl.dtype, device=kl.device)
+    coef = torch.empty_like(kl)
+    if aux is not None:
+        aux = aux.contiguous()
+    images, block_c = _tile(num_images, channels)
+    beta_is_one = beta == 1.0
+    kernel: Any = _kernel_for(weighted_finalize_kernel, kl.device)
+    with _device_guard(kl.device):
+        kernel[(1,)](
+            kl,
+            kl if aux is None else aux,  # never read when mode is "uniform"
+            loss,
+            coef,
+            num_images,
+            channels,
+            *_split(mu),
+            *_split(0.0 if beta_is_one else math.log(beta)),
+            *_split(scale),
+            MODE=MODE_CODES[mode],
+            REDUCTION=REDUCTION_CODES[reduction],
+            BETA_IS_ONE=beta_is_one,
+            IMAGES=images,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
+    return loss, coef

@@ -1,0 +1,281 @@
+"""``weighted_channel_kl``: the fused weighted channel-wise KL loss that CWD and HWD are built on.
+
+:func:`segkd.ops.channel_kl` returns the ``(N, C)`` KL values; a loss then weights, scales and
+reduces them with a handful of small operations, and its backward expands the gradient back to
+``(N * C,)`` before the row kernel runs. This op does the whole loss in three launches on the
+Triton backend: the row kernel (KL, squared distance, log-normalisers), one finalize kernel
+(HWD's weights, ``tau^2`` scaling, reduction, and the backward coefficients
+``coef = d loss / d kl``), and in the backward one row kernel that folds ``grad_output * coef``
+in. The PyTorch backend runs the same steps with PyTorch operations (``_weighting``), and is the
+reference the Triton steps are tested against.
+
+Layers: :func:`weighted_channel_kl` (validation, dispatch) → :class:`WeightedChannelKLFunction`
+(autograd; the ``torch.library`` custom op ``segkd::weighted_channel_kl_forward`` while compiling)
+→ the backends' ``forward``/``finalize``/``backward`` launchers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from segkd import _checks
+from segkd.ops import _weighting
+from segkd.ops.channel_kl import Backend, _channel_kl_backward_op, _launcher, resolve_backend
+
+__all__ = ["WEIGHTINGS", "WeightedChannelKLFunction", "weighted_channel_kl"]
+
+Weighting = Literal["uniform", "hwd"]
+WEIGHTINGS = ("uniform", "hwd")
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _finalize(backend: str) -> Any:
+    if backend == "triton":
+        return importlib.import_module("segkd.ops._triton_weighting").finalize
+    return _weighting.finalize
+
+
+def _backward(
+    backend: str,
+    student: Tensor,
+    teacher: Tensor,
+    lse_s: Tensor,
+    lse_t: Tensor,
+    coef: Tensor,
+    grad_loss: Tensor,
+    tau: float,
+) -> Tensor:
+    """Student gradient of ``loss`` given ``d loss / d kl = coef`` and the incoming ``grad_loss``."""
+    launcher = _launcher(backend)
+    grad_rows = grad_loss.reshape(-1)
+    if getattr(launcher, "FUSED_COEFFICIENTS", False):
+        # One kernel: grad_loss (a scalar, or one value per row) and coef are folded in per row.
+        return launcher.backward(student, teacher, lse_s, lse_t, grad_rows, tau, coef=coef)
+    return launcher.backward(student, teacher, lse_s, lse_t, (coef * grad_rows.to(coef.dtype)).contiguous(), tau)
+
+
+class WeightedChannelKLFunction(torch.autograd.Function):
+    """Autograd node of :func:`weighted_channel_kl` on ``(R, L)`` rows.
+
+    Saves the inputs, two log-normalisers per row and the per-row coefficients; the teacher
+    and any given weights get no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        student: Tensor,
+        teacher: Tensor,
+        weights: Tensor | None,
+        tau: float,
+        channels: int,
+        mode: str,
+        mu: float,
+        beta: float,
+        reduction: str,
+        backend: str,
+    ) -> Tensor:
+        loss, coef, lse_s, lse_t = _forward_impl(
+            student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend
+        )
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, coef)
+        ctx.tau = tau  # type: ignore[attr-defined]
+        ctx.backend = backend  # type: ignore[attr-defined]
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
+        student, teacher, lse_s, lse_t, coef = ctx.saved_tensors
+        nothing: tuple[None, ...] = (None,) * 9
+        if grad_loss is None or not ctx.needs_input_grad[0]:
+            return (None, *nothing)
+        grad = _backward(ctx.backend, student, teacher, lse_s, lse_t, coef, grad_loss, ctx.tau)
+        return (grad, *nothing)
+
+
+def _forward_impl(
+    student: Tensor,
+    teacher: Tensor,
+    weights: Tensor | None,
+    tau: float,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
+    aux = sqdist if mode == "hwd" else weights
+    loss, coef = _finalize(backend)(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
+    return loss, coef, lse_s, lse_t
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: the forward behind a torch.library custom op (opaque to Dynamo and Inductor, with
+# a fake implementation for shapes); its backward multiplies grad_output by coef (a traced PyTorch
+# operation) and calls channel_kl's backward custom op.
+# ---------------------------------------------------------------------------------------------
+
+
+def _forward_op_fake(
+    student: Tensor,
+    teacher: Tensor,
+    weights: Tensor | None,
+    tau: float,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    reduction: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = _weighting_dtype(student)
+    num_rows = student.shape[0]
+    loss_shape = (num_rows // channels, channels) if reduction == "none" else ()
+    rows = student.new_empty(num_rows, dtype=dtype)
+    return student.new_empty(loss_shape, dtype=dtype), rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _weighting_dtype(student: Tensor) -> torch.dtype:
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
+def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    student, teacher, _, tau, _, _, _, _, _, backend = inputs
+    _, coef, lse_s, lse_t = output
+    ctx.save_for_backward(student, teacher, lse_s, lse_t, coef)
+    ctx.tau = tau
+    ctx.backend = backend
+    ctx.mark_non_differentiable(coef, lse_s, lse_t)
+
+
+def _op_backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+    student, teacher, lse_s, lse_t, coef = ctx.saved_tensors
+    nothing: tuple[None, ...] = (None,) * 9
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None, *nothing)
+    grad_kl = coef * grad_loss.reshape(-1).to(coef.dtype)
+    grad = _channel_kl_backward_op(student, teacher, lse_s, lse_t, grad_kl, ctx.tau, ctx.backend)
+    return (grad, *nothing)
+
+
+_forward_op: Any = None
+if _channel_kl_backward_op is not None:  # torch >= 2.4, as for channel_kl
+    _forward_op = torch.library.custom_op("segkd::weighted_channel_kl_forward", mutates_args=())(_forward_impl)
+    _forward_op.register_fake(_forward_op_fake)
+    _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def _apply(
+    student: Tensor,
+    teacher: Tensor,
+    weights: Tensor | None,
+    tau: float,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    reduction: str,
+    backend: str,
+) -> Tensor:
+    if _forward_op is not None and torch.compiler.is_compiling():
+        loss, _, _, _ = _forward_op(student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
+        return loss
+    return WeightedChannelKLFunction.apply(student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
+
+
+def weighted_channel_kl(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float = 1.0,
+    weights: Weighting | Tensor = "uniform",
+    *,
+    mu: float = 0.0,
+    beta: float = 0.1,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Weighted channel-wise KL loss between spatial softmaxes: the fused core of CWD and HWD.
+
+    With :math:`\mathrm{KL}[n, c]` from :func:`segkd.ops.channel_kl` and one weight per channel,
+
+    .. math::
+
+        \ell[n, c] = \tau^2\, w[n, c]\, \mathrm{KL}\left(p_T[n, c] \,\|\, p_S[n, c]\right), \qquad
+        L = \frac{1}{N C} \sum_{n, c} \ell[n, c] \ \text{(mean)}, \quad \sum_{n, c} \ell[n, c] \ \text{(sum)}.
+
+    ``weights="uniform"`` is :math:`w = 1` (CWD); ``"hwd"`` gives HWD's weights computed from the
+    squared distance of the softmaxes (see :func:`segkd.functional.hwd_weights`, ``distance="prob"``);
+    a tensor gives the weights directly. Weights are never differentiated, and the teacher is
+    detached: the gradient reaches the student only,
+    :math:`\partial L / \partial s = \frac{\partial L}{\partial \ell}\, \tau\, w\, (p_S - p_T)`.
+
+    On CUDA with Triton this is two kernels forward (rows, then weights and reduction in one
+    program, deterministic) and one backward; elsewhere the same steps run in PyTorch.
+
+    Args:
+        student: student logits.
+        teacher: teacher logits, same shape and device (a different floating dtype is promoted).
+        tau: softmax temperature, > 0.
+        weights: ``"uniform"``, ``"hwd"``, or an ``(N, C)`` floating tensor on the inputs' device.
+        mu: HWD's shift of the standardised divergences (``weights="hwd"`` only).
+        beta: HWD's curve base, > 0 (``weights="hwd"`` only).
+        reduction: ``"mean"`` (divide by ``N * C``), ``"sum"``, or ``"none"`` for the ``(N, C)`` terms.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``, as for :func:`segkd.ops.channel_kl`.
+
+    Shape:
+        - student, teacher: ``(N, C, H, W)`` or ``(N, C, L)``.
+        - weights (tensor): ``(N, C)``.
+        - output: scalar, or ``(N, C)`` with ``reduction="none"``.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs).
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs or weights, non-numeric hyper-parameters.
+        ValueError: shapes or devices differ, fewer than 3 dims, empty input, ``tau <= 0``,
+            ``beta <= 0``, non-finite ``mu``, unknown ``weights`` name, ``reduction`` or ``backend``,
+            weights of the wrong shape or device.
+        RuntimeError: ``backend="triton"`` without Triton.
+
+    Example:
+        >>> import torch
+        >>> from segkd.ops import channel_kl, weighted_channel_kl
+        >>> _ = torch.manual_seed(0)
+        >>> student = torch.randn(2, 3, 8, 8, requires_grad=True)
+        >>> teacher = torch.randn(2, 3, 8, 8)
+        >>> loss = weighted_channel_kl(student, teacher, tau=2.0)
+        >>> torch.allclose(loss, 4.0 * channel_kl(student, teacher, tau=2.0).mean())
+        True
+        >>> weights = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, 2.0]])
+        >>> round(weighted_channel_kl(student, teacher, 2.0, weights, reduction="sum").item(), 4)
+        6.8968
+        >>> loss.backward()
+    """
+    _checks.check_student_teacher_logits(student, teacher)
+    if student.dtype != teacher.dtype:  # e.g. a bf16 student under autocast and an fp32 teacher
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
+    tau = _checks.check_positive(tau, "tau")
+    mu = _checks.check_finite_number(mu, "mu")
+    beta = _checks.check_positive(beta, "beta")
+    reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
+    batch, channels = student.shape[:2]
+    given: Tensor | None = None
+    if isinstance(weights, str):
+        mode = _checks.check_choice(weights, "weights", WEIGHTINGS)
+    else:
+        given = _checks.check_weights_tensor(weights, "weights", student)
+        given = given.detach().reshape(-1).to(_weighting_dtype(student))
+        mode = "given"
+    name = resolve_backend(backend, student.device)
+    student_rows = student.reshape(batch * channels, -1)
+    teacher_rows = teacher.detach().reshape(batch * channels, -1)
+    return _apply(student_rows, teacher_rows, given, tau, channels, mode, mu, beta, reduction, name)
