@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 # The Triton backend runs on CPU tensors only under the interpreter, which must be switched on before
-# anything imports triton (segkd does on import). Leave a CUDA machine, or an explicit choice, alone.
+# anything imports triton (torch._dynamo does when it loads). Leave a CUDA machine, or an explicit choice, alone.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 
