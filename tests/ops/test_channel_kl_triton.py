@@ -205,12 +205,15 @@ def test_row_stride_kept_without_copy() -> None:
     # Rows with unit inner stride but a row stride > L are read in place.
     student, teacher = _pair((4, 20), torch.float32, seed=8)
     rows_s, rows_t = student[:, 3:14], teacher[:, 3:14]
-    kl, sqdist, lse_s, lse_t = _triton_backend.forward(rows_s, rows_t, 2.0, True)
+    kl, sqdist, stats_s, stats_t = _triton_backend.forward(rows_s, rows_t, 2.0, True)
     ref_kl, ref_sqdist, _, _ = reference(rows_s[None], rows_t[None], 2.0)
     torch.testing.assert_close(kl.double(), ref_kl[0], **TOLERANCES[torch.float32])
     torch.testing.assert_close(sqdist.double(), ref_sqdist[0], **TOLERANCES[torch.float32])
-    torch.testing.assert_close(lse_s, torch.logsumexp(rows_s / 2.0, dim=1))
-    torch.testing.assert_close(lse_t, torch.logsumexp(rows_t / 2.0, dim=1))
+    # Statistics (max, log z) per row: the raw row max, and lse = max / tau + log z.
+    for stats, rows in ((stats_s, rows_s), (stats_t, rows_t)):
+        assert stats.shape == (4, 2)
+        torch.testing.assert_close(stats[:, 0], rows.amax(dim=1), rtol=0, atol=0)
+        torch.testing.assert_close(stats[:, 0] / 2.0 + stats[:, 1], torch.logsumexp(rows / 2.0, dim=1))
 
 
 def _reference_longdouble(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> tuple[np.ndarray, ...]:
@@ -347,9 +350,9 @@ def test_custom_ops_pass_opcheck(backend: str) -> None:
     student, teacher = _pair((6, 35), torch.float32, seed=20)
     for need_sqdist in (True, False):
         torch.library.opcheck(forward_op, (student.requires_grad_(), teacher, 2.0, need_sqdist, backend))
-    _, _, lse_s, lse_t = forward_op(student.detach(), teacher, 2.0, True, backend)
+    _, _, stats_s, stats_t = forward_op(student.detach(), teacher, 2.0, True, backend)
     grad_kl = torch.randn(6, generator=torch.Generator().manual_seed(21)).to(DEVICE)
-    torch.library.opcheck(backward_op, (student.detach(), teacher, lse_s, lse_t, grad_kl, 2.0, backend))
+    torch.library.opcheck(backward_op, (student.detach(), teacher, stats_s, stats_t, grad_kl, 2.0, backend))
 
 
 def test_autocast_bf16_inputs_match_plain_bf16() -> None:
@@ -424,7 +427,7 @@ def test_float64_near_identical_rows_have_float64_accuracy(tau: float) -> None:
     gen = torch.Generator().manual_seed(22)
     teacher = torch.randn(4, 24, generator=gen, dtype=torch.float64) * 2
     student = teacher + 0.1 * torch.randn(4, 24, generator=gen, dtype=torch.float64)
-    kl, sqdist, _, _ = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)
+    kl, sqdist = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)[:2]
     assert sqdist is not None
     ref_kl, ref_sqdist = _reference_decimal(student, teacher, tau)
     torch.testing.assert_close(kl.cpu(), ref_kl, rtol=1e-14, atol=0.0)
@@ -455,10 +458,37 @@ def test_large_logits_keep_fp32_accuracy(case: str) -> None:
     else:
         student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
     teacher = (t_offset + base).to(dtype)
-    kl, sqdist, _, _ = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)
+    kl, sqdist = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)[:2]
     assert sqdist is not None
     ref_kl, ref_sqdist = _reference_decimal(student, teacher, tau)
     assert float(ref_kl.min()) > 1e-4  # far from the subnormal range: a relative comparison means something
     torch.testing.assert_close(kl.double().cpu(), ref_kl, rtol=1e-6, atol=0.0)
     # sqdist of near-identical rows is first order in the ~eps absolute error of d (from log z_T / z_S).
     torch.testing.assert_close(sqdist.double().cpu(), ref_sqdist, rtol=2e-4 if noise else 1e-6, atol=0.0)
+
+
+@pytest.mark.usefixtures("tiny_blocks")
+@pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=str)
+def test_large_logits_keep_fp32_accuracy_in_the_backward(case: str) -> None:
+    # The backward forms p = exp((x - max) / tau - log z) from the stored (max, log z): with
+    # exp(x / tau - lse) the gradient of these cases was off by ~1e-3 relative (fp32 rounding of lse).
+    dtype, s_offset, t_offset, spread, noise, tau = LARGE_LOGIT_CASES[case]
+    gen = torch.Generator().manual_seed(24)
+    base = torch.randn(3, 21, generator=gen, dtype=torch.float64) * spread
+    if noise:  # the student is the teacher plus small noise
+        student = (s_offset + base + noise * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    else:
+        student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    teacher = (t_offset + base).to(dtype)
+    grad_kl = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float32)
+    _, _, stats_s, stats_t = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, False)
+    grad = _triton_backend.backward(student.to(DEVICE), teacher.to(DEVICE), stats_s, stats_t, grad_kl.to(DEVICE), tau)
+    s64, t64 = student.double(), teacher.double()
+    p_s = torch.softmax((s64 - s64.amax(1, keepdim=True)) / tau, dim=1)
+    p_t = torch.softmax((t64 - t64.amax(1, keepdim=True)) / tau, dim=1)
+    expected = grad_kl.double()[:, None] / tau * (p_s - p_t)
+    assert grad.dtype == dtype
+    error = ((grad.double().cpu() - expected).abs().max() / expected.abs().max()).item()
+    # One rounding into the input dtype, plus fp32 exponents (x - max) / tau of ~10-100 (~1e-5 relative in p).
+    rounding = torch.finfo(dtype).eps
+    assert error < 4 * rounding + 1e-5, f"relative gradient error {error:.2e}"

@@ -2,10 +2,14 @@
 
 Same launcher contract as ``_torch_backend`` (the reference):
 
-* ``forward(student, teacher, tau, need_sqdist) -> (kl, sqdist | None, lse_s, lse_t)``, each ``(R,)``
-  in the compute dtype (fp32; fp64 for fp64 inputs, computed in fp64 inside the kernel);
-* ``backward(student, teacher, lse_s, lse_t, grad_kl, tau) -> grad_student`` ``(R, L)`` in the
-  student's dtype, ``grad_kl[r] / tau * (p_S - p_T)`` formed in the compute dtype and rounded once.
+* ``forward(student, teacher, tau, need_sqdist) -> (kl, sqdist | None, stats_s, stats_t)``, in the
+  compute dtype (fp32; fp64 for fp64 inputs, computed in fp64 inside the kernel); ``kl`` and
+  ``sqdist`` are ``(R,)``. The row statistics are the backend's own (see ``stats_shape``): here
+  ``(R, 2)``, the row max of the raw input and ``log z`` (``lse = max / tau + log z``), so that the
+  backward forms ``exp((x - max) / tau - log z)`` without the fp32 rounding of ``lse`` at large logits;
+* ``backward(student, teacher, stats_s, stats_t, grad_kl, tau, coef=None) -> grad_student`` ``(R, L)``
+  in the student's dtype, ``grad_kl[r] / tau * (p_S - p_T)`` formed in the compute dtype and rounded
+  once (with ``coef``: ``grad_kl`` is one element or ``R``, times ``coef[r]``).
 
 CUDA tensors run the compiled kernels. CPU tensors run the same kernels under the Triton
 interpreter (slow; this is how CI tests the kernels). The interpreter is chosen when ``triton.jit``
@@ -38,7 +42,7 @@ from torch import Tensor
 from segkd.ops import _triton_kernels
 from segkd.ops._torch_backend import compute_dtype
 
-__all__ = ["FUSED_COEFFICIENTS", "backward", "forward"]
+__all__ = ["FUSED_COEFFICIENTS", "backward", "forward", "stats_shape"]
 
 FUSED_COEFFICIENTS = True  # backward() takes coef=: a weighted loss's backward is one launch
 
@@ -46,6 +50,11 @@ FORWARD_MAX_BLOCK_L = 2048
 BACKWARD_MAX_BLOCK_L = 2048
 TARGET_TILE_ELEMENTS = 2048
 MAX_ROWS_PER_PROGRAM = 64
+
+
+def stats_shape(num_rows: int) -> tuple[int, ...]:
+    """Shape of the per-row statistics ``forward`` returns for the backward: ``(max, log z)`` per row."""
+    return (num_rows, 2)
 
 
 def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -118,13 +127,13 @@ def _device_guard(device: torch.device) -> Any:
 def forward(
     student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the ``(R, 2)`` statistics ``(max, log z)``."""
     student, teacher = _rows(student), _rows(teacher)
     num_rows, row_length = student.shape
     dtype = compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
     kl = _new_output((num_rows,), dtype, student.device)
-    lse_s = _new_output((num_rows,), dtype, student.device)
-    lse_t = _new_output((num_rows,), dtype, student.device)
+    stats_s = _new_output(stats_shape(num_rows), dtype, student.device)
+    stats_t = _new_output(stats_shape(num_rows), dtype, student.device)
     sqdist = _new_output((num_rows,), dtype, student.device) if need_sqdist else None
     rows, block_l = _tile(row_length, num_rows, FORWARD_MAX_BLOCK_L)
     kernel = _kernel_for(_triton_kernels.channel_kl_forward_kernel, student.device)
@@ -134,8 +143,8 @@ def forward(
             teacher,
             kl,
             kl if sqdist is None else sqdist,  # never written when NEED_SQDIST is False
-            lse_s,
-            lse_t,
+            stats_s,
+            stats_t,
             num_rows,
             row_length,
             student.stride(0),
@@ -148,14 +157,14 @@ def forward(
             EXACT_TAU=dtype == torch.float64,
             num_warps=_num_warps(rows * block_l),
         )
-    return kl, sqdist, lse_s, lse_t
+    return kl, sqdist, stats_s, stats_t
 
 
 def backward(
     student: Tensor,
     teacher: Tensor,
-    lse_s: Tensor,
-    lse_t: Tensor,
+    stats_s: Tensor,
+    stats_t: Tensor,
     grad_kl: Tensor,
     tau: float,
     coef: Tensor | None = None,
@@ -179,8 +188,8 @@ def backward(
         kernel[(triton.cdiv(num_rows, rows) * num_col_blocks,)](
             student,
             teacher,
-            lse_s,
-            lse_t,
+            stats_s,
+            stats_t,
             grad_kl,
             grad_kl if coef is None else coef,  # never read without HAS_COEF
             grad,
@@ -194,8 +203,8 @@ def backward(
             num_col_blocks,
             ROWS=rows,
             BLOCK_L=block_l,
-            ACC=_acc(lse_s.dtype),
-            EXACT_TAU=lse_s.dtype == torch.float64,
+            ACC=_acc(stats_s.dtype),
+            EXACT_TAU=stats_s.dtype == torch.float64,
             HAS_COEF=coef is not None,
             num_warps=_num_warps(rows * block_l),
         )

@@ -10,8 +10,8 @@ whatever the storage dtype.
 Forward, two passes over each row (the second one mostly hits L2/L1, since the program has just
 read the same chunks):
 
-1. online max ``m`` of the raw inputs and sum ``z`` of ``exp((x - m) / tau)``; ``lse = m / tau + log z``
-   is stored for the backward;
+1. online max ``m`` of the raw inputs and sum ``z`` of ``exp((x - m) / tau)``; ``(m, log z)`` of each
+   input is stored for the backward (``lse = m / tau + log z``, but ``lse`` itself is never formed);
 2. with the exact statistics, per element ``p_T = exp((t - m_T) / tau - log z_T)`` and
    ``d = log p_T - log p_S = ((t - m_T) - (s - m_S)) / tau - log(z_T / z_S)`` (the raw part in whichever
    order rounds less: ``(t - s) - (m_T - m_S)`` for near-identical rows), the KL term
@@ -23,7 +23,9 @@ read the same chunks):
    near-identical inputs lose no digits to cancellation: the KL terms are non-negative and
    ``(p_S - p_T)^2`` is formed from an accurate difference, not from ``sum p_S^2 - 2 sum p_S p_T + sum p_T^2``.
 
-Backward, one pass: ``grad[r, i] = grad_kl[r] / tau * (p_S - p_T)`` in ``ACC``, rounded once on store.
+Backward, one pass: ``grad[r, i] = grad_kl[r] / tau * (p_S - p_T)`` in ``ACC``, rounded once on store,
+with ``p = exp((x - m) / tau - log z)`` from the stored statistics; ``grad_kl`` may be one scalar
+(stride 0) and be multiplied by per-row coefficients (a weighted loss's ``d loss / d kl``).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def channel_kl_forward_kernel(
     teacher_ptr,
     kl_ptr,
     sqdist_ptr,
-    lse_s_ptr,
-    lse_t_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
     num_rows,
     row_length,
     student_row_stride,
@@ -86,7 +88,7 @@ def channel_kl_forward_kernel(
     ACC: tl.constexpr,
     EXACT_TAU: tl.constexpr,
 ):
-    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and both ``logsumexp(x / tau)``."""
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2``, and ``(max x, log z)`` of each input."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
@@ -166,8 +168,12 @@ def channel_kl_forward_kernel(
             sqdist += tl.sum(diff * diff, axis=1)
 
     tl.store(kl_ptr + rows, kl, mask=row_ok)
-    tl.store(lse_s_ptr + rows, _scaled(m_s, inv_tau, inv_tau_lo, EXACT_TAU) + log_z_s, mask=row_ok)
-    tl.store(lse_t_ptr + rows, _scaled(m_t, inv_tau, inv_tau_lo, EXACT_TAU) + log_z_t, mask=row_ok)
+    # The backward's statistics, (max, log z) per row: p = exp((x - max) / tau - log z) keeps fp32 accuracy
+    # at large |x| / tau, where exp(x / tau - lse) would not.
+    tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
+    tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
+    tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)
+    tl.store(stats_t_ptr + rows64 * 2 + 1, log_z_t, mask=row_ok)
     if NEED_SQDIST:
         tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
 
@@ -176,8 +182,8 @@ def channel_kl_forward_kernel(
 def channel_kl_backward_kernel(
     student_ptr,
     teacher_ptr,
-    lse_s_ptr,
-    lse_t_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
     grad_kl_ptr,
     coef_ptr,
     grad_ptr,
@@ -198,6 +204,8 @@ def channel_kl_backward_kernel(
 ):
     """``grad[r, i] = g[r] / tau * (p_S[r, i] - p_T[r, i])`` for one ``ROWS x BLOCK_L`` tile.
 
+    ``p = exp((x - max) / tau - log z)`` from the forward's per-row ``(max, log z)`` statistics.
+
     ``g[r] = grad_kl[r * grad_kl_stride]``, times ``coef[r]`` when ``HAS_COEF``: a loss's incoming
     gradient (one scalar, stride 0, or one value per row) and its ``d loss / d kl``, folded in here
     instead of in a separate launch.
@@ -210,22 +218,18 @@ def channel_kl_backward_kernel(
     row_ok = rows < num_rows
     mask = row_ok[:, None] & (cols < row_length)
     rows64 = rows.to(tl.int64)
-    lse_s = tl.load(lse_s_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    lse_t = tl.load(lse_t_ptr + rows, mask=row_ok, other=0.0).to(ACC)
+    m_s = tl.load(stats_s_ptr + rows64 * 2, mask=row_ok, other=0.0).to(ACC)
+    log_z_s = tl.load(stats_s_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0).to(ACC)
+    m_t = tl.load(stats_t_ptr + rows64 * 2, mask=row_ok, other=0.0).to(ACC)
+    log_z_t = tl.load(stats_t_ptr + rows64 * 2 + 1, mask=row_ok, other=0.0).to(ACC)
     g = tl.load(grad_kl_ptr + rows64 * grad_kl_stride, mask=row_ok, other=0.0).to(ACC)
     if HAS_COEF:
         g = g * tl.load(coef_ptr + rows, mask=row_ok, other=0.0).to(ACC)
-    s = tl.load(student_ptr + rows64[:, None] * student_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    t = tl.load(teacher_ptr + rows64[:, None] * teacher_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    if EXACT_TAU:  # fp64: 1/tau = inv_tau + inv_tau_lo, as scalar arguments are fp32
-        scale = g * inv_tau + g * inv_tau_lo
-        s = s * inv_tau + s * inv_tau_lo
-        t = t * inv_tau + t * inv_tau_lo
-    else:
-        scale = g * inv_tau
-        s = s * inv_tau
-        t = t * inv_tau
-    p_s = tl.exp(s - lse_s[:, None])
-    p_t = tl.exp(t - lse_t[:, None])
-    grad = scale[:, None] * (p_s - p_t)
+    # Masked lanes read the row's max: finite terms there, never stored.
+    s = tl.load(student_ptr + rows64[:, None] * student_row_stride + cols, mask=mask, other=m_s[:, None]).to(ACC)
+    t = tl.load(teacher_ptr + rows64[:, None] * teacher_row_stride + cols, mask=mask, other=m_t[:, None]).to(ACC)
+    # p = exp((x - max) / tau - log z): the shift is subtracted before scaling, as in the forward.
+    p_s = tl.exp(_scaled(s - m_s[:, None], inv_tau, inv_tau_lo, EXACT_TAU) - log_z_s[:, None])
+    p_t = tl.exp(_scaled(t - m_t[:, None], inv_tau, inv_tau_lo, EXACT_TAU) - log_z_t[:, None])
+    grad = _scaled(g, inv_tau, inv_tau_lo, EXACT_TAU)[:, None] * (p_s - p_t)
     tl.store(grad_ptr + rows64[:, None] * grad_row_stride + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -86,6 +86,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_available() else "torch"
 
 
+def stats_shape(backend: str, num_rows: int) -> tuple[int, ...]:
+    """Shape of the per-row statistics a concrete backend saves for its backward.
+
+    ``(R,)`` (``logsumexp(x / tau)``) unless the launcher module says otherwise with a ``stats_shape``
+    function (Triton: ``(R, 2)``, the row max and ``log z``). Fake implementations need it.
+    """
+    custom = getattr(_launcher(backend), "stats_shape", None)
+    return (num_rows,) if custom is None else tuple(custom(num_rows))
+
+
 def _launcher(name: str) -> ModuleType:
     if name == "torch":
         return _torch_backend
@@ -147,7 +157,8 @@ def _forward_op_fake(
     num_rows = student.shape[0]
     kl = student.new_empty(num_rows, dtype=dtype)
     sqdist = student.new_empty(num_rows if need_sqdist else 0, dtype=dtype)
-    return kl, sqdist, student.new_empty(num_rows, dtype=dtype), student.new_empty(num_rows, dtype=dtype)
+    stats = stats_shape(backend, num_rows)
+    return kl, sqdist, student.new_empty(stats, dtype=dtype), student.new_empty(stats, dtype=dtype)
 
 
 def _backward_op_impl(

@@ -25,7 +25,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from segkd import _checks
 from segkd.ops import _weighting
-from segkd.ops.channel_kl import Backend, _channel_kl_backward_op, _launcher, resolve_backend
+from segkd.ops.channel_kl import Backend, _channel_kl_backward_op, _launcher, resolve_backend, stats_shape
 
 __all__ = ["WEIGHTINGS", "WeightedChannelKLFunction", "weighted_channel_kl"]
 
@@ -62,7 +62,7 @@ def _backward(
 class WeightedChannelKLFunction(torch.autograd.Function):
     """Autograd node of :func:`weighted_channel_kl` on ``(R, L)`` rows.
 
-    Saves the inputs, two log-normalisers per row and the per-row coefficients; the teacher
+    Saves the inputs, the backend's per-row statistics and the per-row coefficients; the teacher
     and any given weights get no gradient.
     """
 
@@ -139,8 +139,13 @@ def _forward_op_fake(
     dtype = _weighting_dtype(student)
     num_rows = student.shape[0]
     loss_shape = (num_rows // channels, channels) if reduction == "none" else ()
-    rows = student.new_empty(num_rows, dtype=dtype)
-    return student.new_empty(loss_shape, dtype=dtype), rows, torch.empty_like(rows), torch.empty_like(rows)
+    stats = stats_shape(backend, num_rows)
+    return (
+        student.new_empty(loss_shape, dtype=dtype),
+        student.new_empty(num_rows, dtype=dtype),
+        student.new_empty(stats, dtype=dtype),
+        student.new_empty(stats, dtype=dtype),
+    )
 
 
 def _weighting_dtype(student: Tensor) -> torch.dtype:
