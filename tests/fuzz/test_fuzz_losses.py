@@ -255,7 +255,6 @@ def test_channel_kl_torch(data: tuple[Tensor, Tensor, str], tau: float) -> None:
 
 
 TRITON = "triton" in available_backends()
-TRITON_LARGE_LOGIT_RTOL = 2e-3
 
 
 @pytest.mark.triton
@@ -280,19 +279,19 @@ def test_channel_kl_triton_agrees_with_torch(data: tuple[Tensor, Tensor, str], t
         _check_finite(results["triton"][index], f"triton {name}", case)
     _check_finite(results["triton"][2], "triton gradient", case)
     exact = raw_student.dtype == torch.float64
-    # Statistics in fp32: the KL is a difference of two log-normalisers of size |x| / tau, so its
-    # absolute rounding error is ~1e-7 * |x| / tau (ordering of the sums differs between backends).
-    # fp64: the Triton kernel's Taylor series of expm1 (up to d^6, for |d| < 1/8) leaves a truncation
-    # error of up to (1/8)^7 / 5040 = 5e-10 per unit of probability, far above fp64 rounding (the fuzz
-    # found 3.8e-11 on a KL of 0.02; reported to the kernel's owner): fp64 is compared at 1e-9.
+    # The torch backend's KL, sum p_T (t - s) - (lse_T - lse_S), is a difference of two log-normalisers of
+    # size |x| / tau: its absolute rounding error is ~eps * |x| / tau (eps = 1e-7 in fp32, 1e-16 in fp64).
+    # The Triton kernel is accurate to rounding of its inputs at every scale (fp64: Taylor series beyond fp64
+    # rounding; |x| / tau ~ 1e4: no rounding of x / tau or lse in the exponents), so this is the bound.
     lse_scale = 1.0 + raw_student.double().abs().max().item() / tau + raw_teacher.double().abs().max().item() / tau
-    atol = 1e-9 if exact else 4e-6 * lse_scale
-    # Known kernel issue (reported; docs/reliability.md): for |x| / tau above ~1e3 the Triton KL and
-    # sqdist are off by up to ~1e-3 relative (the fuzz found 19.0 on a KL of 2.0e4, bf16 logits of 1e4)
-    # while the torch backend's KL stays within 2e-8 of a float64 reference. Compared at 2e-3 there.
-    rtol = 1e-8 if exact else (1e-4 if lse_scale <= 1e3 else TRITON_LARGE_LOGIT_RTOL)
+    atol = 1e-14 * lse_scale if exact else 4e-6 * lse_scale
+    rtol = 1e-12 if exact else 1e-4
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=rtol, atol=atol)
-    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=rtol, atol=1e-9 if exact else 1e-6)
+    # sqdist of near-identical rows is first order in the ~eps rounding of d = log p_T - log p_S in both.
+    sqdist_rtol = 1e-10 if exact else 1e-4
+    torch.testing.assert_close(
+        results["triton"][1], results["torch"][1], rtol=sqdist_rtol, atol=1e-15 if exact else 1e-6
+    )
     grad_atol = {torch.float64: 1e-9, torch.float32: 4e-6, torch.float16: 4e-6, torch.bfloat16: 4e-6}
     grad_rtol = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
     dtype = raw_student.dtype
