@@ -260,8 +260,8 @@ def weighted_channel_kl(
         >>> torch.allclose(loss, 4.0 * channel_kl(student, teacher, tau=2.0).mean())
         True
         >>> weights = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, 2.0]])
-        >>> round(weighted_channel_kl(student, teacher, 2.0, weights, reduction="sum").item(), 4)
-        6.8968
+        >>> round(weighted_channel_kl(student, teacher, 2.0, weights, reduction="sum").item(), 3)
+        6.897
         >>> loss.backward()
     """
     _checks.check_student_teacher_logits(student, teacher)
