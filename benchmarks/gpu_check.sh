@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check of segkd's fused channel_kl kernel (issue 3), for a session that is lent a GPU:
-#   1. the Triton backend's tests on CUDA (TRITON_INTERPRET unset: the compiled kernels run),
+#   1. the Triton backend's and the fused loss's tests on CUDA (TRITON_INTERPRET unset: compiled kernels run;
+#      includes the launch count of a CWD/HWD forward+backward),
 #   2. the ops and loss tests on CUDA (backend="auto" picks Triton there),
 #   3. the benchmark on all shapes, fp32 and bf16, CWD and HWD.
 # Outputs go under $OUT (default ./gpu_out): env.txt, pytest_triton.log, pytest_ops_losses.log,
@@ -47,13 +48,14 @@ if ! "$PY" -c "import torch, triton, pytest, hypothesis, sys; sys.exit(0 if torc
 fi
 
 echo "== 1. Triton backend tests on CUDA"
-timeout -k 10 150 "$PY" -m pytest tests/ops/test_channel_kl_triton.py -q -rs -p no:cacheprovider \
-  > "$OUT/pytest_triton.log" 2>&1 || status=1
+timeout -k 10 150 "$PY" -m pytest tests/ops/test_channel_kl_triton.py tests/ops/test_weighted_kl.py -q -rs \
+  -p no:cacheprovider > "$OUT/pytest_triton.log" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_triton.log"
 
 echo "== 2. ops and loss tests on CUDA (auto -> Triton)"
 timeout -k 10 90 "$PY" -m pytest tests/ops tests/losses -q -rs -p no:cacheprovider \
-  --ignore=tests/ops/test_channel_kl_triton.py > "$OUT/pytest_ops_losses.log" 2>&1 || status=1
+  --ignore=tests/ops/test_channel_kl_triton.py --ignore=tests/ops/test_weighted_kl.py \
+  > "$OUT/pytest_ops_losses.log" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_ops_losses.log"
 
 echo "== 3. benchmark, all shapes"
