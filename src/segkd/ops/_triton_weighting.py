@@ -72,6 +72,7 @@ def weighted_finalize_kernel(
     mu_acc = (zero + mu) + mu_lo
     log_beta_acc = (zero + log_beta) + log_beta_lo
     scale_acc = (zero + scale) + scale_lo
+    channels_acc = zero + channels
     if not BETA_IS_ONE:
         curve_denominator = _expm1(log_beta_acc)
         # HWD's curve saturates: |x ln beta| <= 700 (as the PyTorch path does in fp64), |g| <= 2^1023.
@@ -94,9 +95,11 @@ def weighted_finalize_kernel(
             d = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
             first = tl.load(aux_ptr + images.to(tl.int64) * channels, mask=images < num_images, other=0.0)
             centred = tl.where(mask, d - first.to(tl.float64), 0.0)
-            centred = tl.where(mask, centred - tl.sum(centred, axis=1)[:, None] / channels, 0.0)
-            variance = tl.sum(centred * centred, axis=1) / tl.maximum(channels - 1, 1)
-            std = tl.where(channels > 1, tl.sqrt(variance), 0.0)
+            centred = tl.where(mask, centred - tl.sum(centred, axis=1)[:, None] / channels_acc, 0.0)
+            # Unbiased variance; C == 1 has none (std 0: degenerate). Float scalars only: Triton may pass
+            # channels == 1 as a compile-time constant.
+            variance = tl.sum(centred * centred, axis=1) / tl.where(channels_acc > 1.5, channels_acc - 1.0, 1.0)
+            std = tl.where(channels_acc > 1.5, tl.sqrt(variance), 0.0)
             degenerate = ~(std > 0.0) | ~(std < float("inf"))
             z = centred / tl.where(degenerate, 1.0, std)[:, None]
             z = tl.where(degenerate[:, None] | ~(tl.abs(z) < float("inf")), 0.0, z)
@@ -113,7 +116,7 @@ def weighted_finalize_kernel(
             e = tl.where(mask, tl.exp(g - peak[:, None]), 0.0)
             total_e = tl.sum(e, axis=1)
             total_e = tl.where(total_e > 0.0, total_e, 1.0)
-            coef = ((channels * e) / total_e[:, None]) * scale_acc
+            coef = ((channels_acc * e) / total_e[:, None]) * scale_acc
         terms = coef * kl
         if REDUCTION == 2:
             tl.store(loss_ptr + offsets, terms.to(loss_ptr.dtype.element_ty), mask=mask)
