@@ -28,6 +28,7 @@ from segkd.losses._cirkd_memory import (
     sample_queue,
 )
 from segkd.losses._reduction import reduce_terms
+from segkd.losses._vectors import unit_vectors
 from segkd.losses.skd import pixel_kd_loss
 
 __all__ = [
@@ -158,7 +159,7 @@ def cirkd_minibatch_loss(
         teacher = F.avg_pool2d(teacher, pool, stride=pool, ceil_mode=True)
 
     def similarities(feat: Tensor) -> Tensor:
-        unit = _unit_vectors(feat.flatten(2))  # (B, C, L); a zero vector passes no gradient
+        unit = unit_vectors(feat.flatten(2))  # (B, C, L); a zero vector passes no gradient
         return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / tau  # (B, B, L, L)
 
     # Each (B, B, L, L) similarity tensor is a temporary: freed as soon as its softmax is taken.
@@ -201,16 +202,6 @@ class CIRKDMiniBatchLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}"
-
-
-def _unit_vectors(embed: Tensor) -> Tensor:
-    """``F.normalize`` along channels, except that an exactly zero vector passes no gradient.
-
-    ``F.normalize`` gives a zero vector the gradient ``1 / eps = 1e12`` times the upstream one: in fp16
-    (autocast) that overflows to inf, and to NaN in the projection head's weights.
-    """
-    unit = F.normalize(embed, p=2, dim=1)
-    return torch.where((embed == 0).all(dim=1, keepdim=True), unit.detach(), unit)
 
 
 def _check_entries(entries: Tensor, name: str, dim: int) -> None:
@@ -314,7 +305,7 @@ def cirkd_memory_kl(
     dtype = _compute_dtype(student_embed, teacher_embed)
     labels = resize_labels_nearest(labels, (student_embed.shape[2], student_embed.shape[3]))
     anchors = (labels != ignore_index).flatten()
-    student = _unit_vectors(student_embed.to(dtype)).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
+    student = unit_vectors(student_embed.to(dtype)).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     teacher = F.normalize(teacher_embed.detach().to(dtype), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
     if student.shape[0] == 0:
         # Multiply before summing: the sum of large fp16 values overflows to inf, and inf * 0 is NaN.

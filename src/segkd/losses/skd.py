@@ -11,6 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from segkd import _checks
 from segkd.losses._reduction import reduce_terms
+from segkd.losses._vectors import unit_vectors
 
 __all__ = [
     "PREPROCESS_MODES",
@@ -37,21 +38,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
-def _unit_vectors(feat: Tensor) -> Tensor:
-    """``F.normalize`` along dim 1, except that an exactly zero vector (it stays zero) passes no gradient.
-
-    ``F.normalize`` gives a zero vector ``1 / eps = 1e12`` times the upstream gradient: inf once cast back
-    to an fp16 student. ``torch.where`` routes no gradient to the kept-but-detached zero vectors instead.
-    """
-    unit = F.normalize(feat, p=2.0, dim=1)
-    return torch.where((feat == 0).all(dim=1, keepdim=True), unit.detach(), unit)
-
-
 def _pairwise_similarity(feat: Tensor, pool: int) -> Tensor:
     """Max-pool (ceil mode), L2-normalise over channels, return the ``(N, hw, hw)`` cosine similarities."""
     if pool > 1:
         feat = F.max_pool2d(feat, kernel_size=pool, stride=pool, padding=0, ceil_mode=True)
-    unit = _unit_vectors(feat.flatten(2))  # (N, C, hw); a zero vector stays zero, with no gradient
+    unit = unit_vectors(feat.flatten(2))  # (N, C, hw); a zero vector stays zero, with no gradient
     # In the input's compute dtype (fp32 for half inputs) also under autocast, which would run bmm in half.
     with torch.autocast(device_type=unit.device.type, enabled=False):
         return torch.bmm(unit.transpose(1, 2), unit)
