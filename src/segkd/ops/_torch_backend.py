@@ -2,9 +2,9 @@
 
 Both functions work on rows: ``(R, L)`` tensors where each row is one ``(n, c)`` channel
 flattened over its ``L = H * W`` positions. Rows are processed in blocks of at most
-``_BLOCK_ELEMENTS`` elements (``_CPU_BLOCK_ELEMENTS`` on CPU, where a smaller block stays in
-cache) so that the temporaries (softmaxes in fp32) never grow with the batch: peak extra memory
-is a few blocks, not a few copies of the input.
+``_BLOCK_ELEMENTS`` elements per input (on CPU at most ``_CPU_BLOCK_ELEMENTS``, and at most an
+eighth of the input, see :func:`_rows_per_block`) so that the temporaries (softmaxes in fp32)
+never grow with the batch: peak extra memory is a few blocks, not a few copies of the input.
 
 Launcher contract (shared with the Triton backend):
 
@@ -14,6 +14,20 @@ Launcher contract (shared with the Triton backend):
 * ``backward(student, teacher, lse_s, lse_t, grad_kl, tau) -> grad_student`` of shape ``(R, L)``
   in the student's dtype, ``grad_kl[r] / tau * (p_S - p_T)`` computed in the compute dtype and
   rounded once at the end.
+
+How a block is computed (on CPU what costs is the number of passes over a block and the overhead of
+each PyTorch operation, a few microseconds; the four exponential passes, two softmaxes in the forward
+and two in the backward, are the floor, the same as the eager formula's):
+
+* the student and teacher rows of a block are loaded side by side into one reusable ``(2, rows, L)``
+  buffer in the compute dtype (a half-precision input is converted by ``copy_`` and the pair scaled
+  by ``1/tau`` in place, skipped when ``tau == 1``; an fp32 input is scaled while copied), so that
+  one ``amax``, one ``softmax`` and one ``amax`` cover both inputs; the softmax is written into a
+  second reusable buffer, so the loop allocates nothing;
+* ``lse = max - log(max_i p_i)`` (the largest probability is ``exp(0) / sum``): no ``logsumexp``
+  pass; the KL's ``lse_T - lse_S`` is formed as ``(max_T - max_S) - log(top_T / top_S)``;
+* the backward writes ``scale * (p_S - p_T)`` with two in-place operations on the fp32 softmax and
+  one rounding copy into the gradient.
 """
 
 from __future__ import annotations
@@ -22,7 +36,9 @@ import torch
 from torch import Tensor
 
 _BLOCK_ELEMENTS = 1 << 20
-_CPU_BLOCK_ELEMENTS = 1 << 17
+_CPU_BLOCK_ELEMENTS = 1 << 18
+_CPU_MIN_BLOCKS = 8
+_CPU_MIN_BLOCK_ELEMENTS = 1 << 16
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,22 +46,55 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_elements(device: torch.device) -> int:
-    # CPU: blocks of 512 KiB per fp32 temporary stay in cache and keep peak memory low (a few blocks);
-    # accelerators: larger blocks amortise the launches.
-    return _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _BLOCK_ELEMENTS
+def _rows_per_block(num_rows: int, row_length: int, device: torch.device) -> int:
+    """Rows per block: at most ``_BLOCK_ELEMENTS`` elements per input.
+
+    On CPU at most ``_CPU_BLOCK_ELEMENTS`` (1 MiB per fp32 block: large enough that the
+    per-operation overhead is small, small enough to stay in the last-level cache) and, down to
+    ``_CPU_MIN_BLOCK_ELEMENTS``, at most ``1 / _CPU_MIN_BLOCKS`` of the input, so that the four fp32
+    block temporaries take no more memory than one half-precision copy of the input.
+    """
+    block = _BLOCK_ELEMENTS
+    if device.type == "cpu":
+        eighth = num_rows * row_length // _CPU_MIN_BLOCKS
+        block = min(block, _CPU_BLOCK_ELEMENTS, max(eighth, _CPU_MIN_BLOCK_ELEMENTS))
+    return max(1, min(block // max(row_length, 1), num_rows))
 
 
-def _row_blocks(num_rows: int, row_length: int, device: torch.device | None = None) -> list[slice]:
-    block = _BLOCK_ELEMENTS if device is None else _block_elements(device)
-    rows_per_block = max(1, block // max(row_length, 1))
-    return [slice(start, min(start + rows_per_block, num_rows)) for start in range(0, num_rows, rows_per_block)]
+class _Workspace:
+    """Two reusable ``(2, rows, L)`` blocks in the compute dtype, for the inputs and for their softmaxes.
 
+    ``[0]`` holds student rows, ``[1]`` teacher rows. Reused from block to block, so the loop
+    allocates nothing (no page faults where the allocator hands freed blocks back to the system).
+    """
 
-def _inverse(tau: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    # A one-element tensor (not a 0-dim one) takes part in type promotion: ``torch.mul(x_bf16, inv)`` reads
-    # bf16 and computes and writes fp32 in one pass, where ``x.to(fp32) / tau`` takes two.
-    return torch.full((1,), 1.0 / tau, dtype=dtype, device=device)
+    def __init__(self, rows_per_block: int, row_length: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._inputs = torch.empty(2 * rows_per_block * row_length, dtype=dtype, device=device)
+        self._probs = torch.empty_like(self._inputs)
+        self._row_length = row_length
+        self._views: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def _pair_views(self, num_rows: int) -> tuple[Tensor, Tensor]:
+        views = self._views.get(num_rows)
+        if views is None:  # one pair of views per block size: the full blocks and the last one
+            shape = (2, num_rows, self._row_length)
+            size = 2 * num_rows * self._row_length
+            views = self._views[num_rows] = (self._inputs[:size].view(shape), self._probs[:size].view(shape))
+        return views
+
+    def load(self, student: Tensor, teacher: Tensor, inv_tau: float) -> tuple[Tensor, Tensor]:
+        """``(pair, probs)``: ``pair`` holds ``student / tau`` and ``teacher / tau``, ``probs`` is free."""
+        pair, probs = self._pair_views(student.shape[0])
+        s, t = pair[0], pair[1]
+        if student.dtype == pair.dtype and inv_tau != 1.0:
+            torch.mul(student, inv_tau, out=s)  # read, scale and write in one pass
+            torch.mul(teacher, inv_tau, out=t)
+        else:
+            s.copy_(student)  # converts a half-precision input
+            t.copy_(teacher)
+            if inv_tau != 1.0:
+                pair.mul_(inv_tau)
+        return pair, probs
 
 
 def forward(
@@ -54,32 +103,49 @@ def forward(
     """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
     num_rows, row_length = student.shape
     dtype = compute_dtype(student.dtype)
-    sqdist = torch.empty(num_rows, dtype=dtype, device=student.device) if need_sqdist else None
-    inv_tau = _inverse(tau, dtype, student.device)
-    # max_i (x_i / tau) = (max_i x_i) / tau exactly (rounding is monotone): one reduction over the input.
-    max_s = torch.mul(student.amax(dim=1), inv_tau)
-    max_t = torch.mul(teacher.amax(dim=1), inv_tau)
-    top_s, top_t, cross = (torch.empty_like(max_s) for _ in range(3))
-    # Few operations per block (the per-operation overhead dominates on CPU); per-row results are
-    # written in place and combined once after the loop.
-    for rows in _row_blocks(num_rows, row_length, student.device):
-        # Four block temporaries at most: s, t and their softmaxes (torch.softmax is one fused, vectorised kernel).
-        s = torch.mul(student[rows], inv_tau)
-        t = torch.mul(teacher[rows], inv_tau)
-        p_s = torch.softmax(s, dim=1)
-        p_t = torch.softmax(t, dim=1)
-        torch.amax(p_s, dim=1, out=top_s[rows])
-        torch.amax(p_t, dim=1, out=top_t[rows])
-        torch.sum(t.sub_(s).mul_(p_t), dim=1, out=cross[rows])
-        if sqdist is not None:
-            torch.sum(p_s.sub_(p_t).square_(), dim=1, out=sqdist[rows])
-    # lse = max + log(sum_i exp(x_i - max)) = max - log(max_i p_i), as the largest p_i is exp(0) / sum.
-    lse_s = max_s.sub_(top_s.log_())
-    lse_t = max_t.sub_(top_t.log_())
-    # KL = sum_i p_T,i (log p_T,i - log p_S,i) = sum_i p_T,i (t_i - s_i) - (lse_T - lse_S), as sum_i p_T,i = 1.
-    # For near-equal rows the two terms cancel and rounding (~1e-7 * lse) can leave a tiny negative
-    # number; KL >= 0, so clamp it.
-    kl = cross.sub_(lse_t - lse_s).clamp_min_(0)
+    device = student.device
+    inv_tau = 1.0 / tau
+    # Per-row results, written in place block by block and combined once after the loop: the row
+    # maxima of s and t, the largest probability of p_S and p_T, and sum_i p_T,i (t_i - s_i).
+    maxima = torch.empty(2, num_rows, dtype=dtype, device=device)
+    tops = torch.empty(2, num_rows, dtype=dtype, device=device)
+    cross = torch.empty(num_rows, dtype=dtype, device=device)
+    sqdist = torch.empty(num_rows, dtype=dtype, device=device) if need_sqdist else None
+    rows = _rows_per_block(num_rows, row_length, device)
+    workspace = _Workspace(rows, row_length, dtype, device)
+    student_blocks, teacher_blocks = student.split(rows), teacher.split(rows)
+    sqdist_blocks = sqdist.split(rows) if sqdist is not None else (None,) * len(student_blocks)
+    blocks = zip(
+        student_blocks,
+        teacher_blocks,
+        maxima.split(rows, dim=1),
+        tops.split(rows, dim=1),
+        cross.split(rows),
+        sqdist_blocks,
+        strict=True,
+    )
+    for student_rows, teacher_rows, max_out, top_out, cross_out, sqdist_out in blocks:
+        pair, probs = workspace.load(student_rows, teacher_rows, inv_tau)
+        torch.amax(pair, dim=2, out=max_out)
+        torch.softmax(pair, dim=2, out=probs)  # one fused, vectorised kernel for both inputs
+        torch.amax(probs, dim=2, out=top_out)
+        s, t = pair.unbind(0)
+        p_s, p_t = probs.unbind(0)
+        torch.sum(t.sub_(s).mul_(p_t), dim=1, out=cross_out)
+        if sqdist_out is not None:
+            torch.sum(p_s.sub_(p_t).square_(), dim=1, out=sqdist_out)
+    max_s, max_t = maxima.unbind(0)
+    top_s, top_t = tops.unbind(0)
+    # KL = sum_i p_T,i (log p_T,i - log p_S,i) = cross - (lse_T - lse_S), as sum_i p_T,i = 1, with
+    # lse = max - log(top). The difference of the log-normalisers is formed as
+    # (max_T - max_S) - log(top_T / top_S): both terms vanish with the difference of the inputs,
+    # where lse_T - lse_S would cancel two numbers of size |lse| (a few times less rounding for
+    # near-equal rows; what is left, ~1e-7, is the fp32 sum inside each softmax). KL >= 0, so the
+    # rounding that remains is clamped.
+    kl = cross.sub_(max_t - max_s).add_(torch.log(top_t / top_s)).clamp_min_(0)
+    # Separate tensors: the outputs of a torch.library custom op may not alias each other.
+    lse_s = max_s - top_s.log()
+    lse_t = max_t - top_t.log()
     return kl, sqdist, lse_s, lse_t
 
 
@@ -87,13 +153,21 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
     """Gradient of ``sum_r grad_kl[r] * KL_r`` with respect to the student rows."""
     num_rows, row_length = student.shape
     dtype = lse_s.dtype
-    grad_student = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    inv_tau = _inverse(tau, dtype, student.device)
+    device = student.device
+    grad_student = torch.empty(student.shape, dtype=student.dtype, device=device)
+    inv_tau = 1.0 / tau
     scale = (grad_kl.to(dtype) * inv_tau)[:, None]
-    for rows in _row_blocks(num_rows, row_length, student.device):
+    rows = _rows_per_block(num_rows, row_length, device)
+    workspace = _Workspace(rows, row_length, dtype, device)
+    same_dtype = student.dtype == dtype
+    blocks = zip(student.split(rows), teacher.split(rows), scale.split(rows), grad_student.split(rows), strict=True)
+    for student_rows, teacher_rows, scale_rows, grad_out in blocks:
         # exp(x / tau - lse) is the softmax of x / tau: the fused kernel is faster than sub_ + exp_.
-        p_s = torch.softmax(torch.mul(student[rows], inv_tau), dim=1)
-        p_t = torch.softmax(torch.mul(teacher[rows], inv_tau), dim=1)
-        # Scaled in the compute dtype, rounded once while written into the gradient.
-        torch.mul(p_s.sub_(p_t), scale[rows], out=grad_student[rows])
+        pair, probs = workspace.load(student_rows, teacher_rows, inv_tau)
+        p_s, p_t = torch.softmax(pair, dim=2, out=probs).unbind(0)
+        # Formed and scaled in the compute dtype, rounded once into the gradient's dtype.
+        if same_dtype:
+            torch.mul(p_s.sub_(p_t), scale_rows, out=grad_out)
+        else:
+            grad_out.copy_(p_s.sub_(p_t).mul_(scale_rows))
     return grad_student
