@@ -39,7 +39,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 from segkd.losses.cirkd import CIRKDLoss, CIRKDMemoryLoss, cirkd_memory_kl, cirkd_minibatch_loss
 from segkd.losses.cwd import cwd_loss
 from segkd.losses.dist import dist_loss
-from segkd.losses.hwd import hwd_loss, hwd_weights
+from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
 from segkd.losses.ifvd import ifvd_loss
 from segkd.losses.mgd import MGDLoss, mgd_mask
 from segkd.losses.skd import (
@@ -49,6 +49,7 @@ from segkd.losses.skd import (
     skd_pairwise_loss,
 )
 from segkd.ops.channel_kl import available_backends, channel_kl
+from segkd.ops.weighted_kl import weighted_channel_kl
 from segkd.testing import strategies as sks
 
 DTYPES = sks.float_dtypes()  # fp32, fp64, fp16, bf16
@@ -300,6 +301,61 @@ def test_channel_kl_triton_agrees_with_torch(data: tuple[Tensor, Tensor, str], t
         results["torch"][2].double(),
         rtol=grad_rtol[dtype],
         atol=grad_atol[dtype] * 2.0 * lse_scale / tau,
+    )
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON, reason="Triton is not installed or disabled (SEGKD_DISABLE_TRITON)")
+@given(
+    data=pairs(logit_shapes, non_negative=st.just(False)),
+    tau=taus,
+    seed=seeds,
+    weighting=st.sampled_from(["uniform", "hwd", "given"]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    mu=st.floats(-2.0, 2.0),
+    beta=st.one_of(st.just(1.0), st.just(0.1), st.floats(0.01, 10.0)),
+)
+def test_weighted_channel_kl_triton_is_its_composition(
+    data: tuple[Tensor, Tensor, str], tau: float, seed: int, weighting: str, reduction: str, mu: float, beta: float
+) -> None:
+    """The fused Triton loss (finalize kernel, coefficients folded into the backward) equals the same loss
+    composed from Triton's channel_kl and PyTorch operations: tau^2 * reduce(w * kl), w from its sqdist."""
+    raw_student, raw_teacher, relation = data
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw_student, raw_teacher = raw_student.to(device), raw_teacher.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    given_weights = torch.rand(raw_student.shape[:2], generator=generator, dtype=torch.float64).to(device)
+    weights: str | Tensor = given_weights.float() if weighting == "given" else weighting
+    case = _describe(raw_student, relation, tau=tau, weighting=weighting, reduction=reduction, mu=mu, beta=beta)
+
+    student, teacher = _leaves(raw_student, raw_teacher)
+    fused = weighted_channel_kl(student, teacher, tau, weights, mu=mu, beta=beta, reduction=reduction, backend="triton")  # type: ignore[arg-type]
+    grad_out = (torch.rand(fused.shape, generator=generator, dtype=torch.float64) + 0.5).to(device)
+    (fused * grad_out.to(fused.dtype)).sum().backward()
+    assert teacher.grad is None
+    fused_grad = student.grad
+    _check_finite(fused.detach(), "fused loss", case)
+    assert fused_grad is not None
+    _check_finite(fused_grad, "fused gradient", case)
+
+    student, teacher = _leaves(raw_student, raw_teacher)
+    kl, sqdist = channel_kl(student, teacher, tau, return_sqdist=True, backend="triton")
+    if weighting == "uniform":
+        w = torch.ones_like(kl)
+    elif weighting == "hwd":
+        w = hwd_weights_from_divergence(sqdist, mu, beta).to(kl.dtype)
+    else:
+        w = given_weights.float().to(kl.dtype)
+    terms = tau * tau * w * kl
+    composed = {"mean": terms.mean, "sum": terms.sum, "none": lambda: terms}[reduction]()
+    (composed * grad_out.to(composed.dtype)).sum().backward()
+    exact = raw_student.dtype == torch.float64
+    torch.testing.assert_close(fused.detach(), composed.detach(), rtol=1e-12 if exact else 1e-5, atol=0.0)
+    grad_rtol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+    assert student.grad is not None
+    scale = student.grad.double().abs().max().item()
+    torch.testing.assert_close(
+        fused_grad.double(), student.grad.double(), rtol=grad_rtol[raw_student.dtype], atol=1e-12 * scale
     )
 
 

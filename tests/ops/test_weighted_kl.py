@@ -206,8 +206,22 @@ FINALIZE_CASES = {
 }
 
 
+@pytest.fixture
+def poisoned_triton_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every buffer the Triton launchers allocate starts as NaN: an element a kernel skips shows up."""
+    backend = importlib.import_module("segkd.ops._triton_backend")
+    weighting = importlib.import_module("segkd.ops._triton_weighting")
+
+    def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(backend, "_new_output", new_output)
+    monkeypatch.setattr(weighting, "_new_output", new_output)
+
+
 @needs_triton
 @pytest.mark.triton
+@pytest.mark.usefixtures("poisoned_triton_outputs")
 @pytest.mark.parametrize("case", sorted(FINALIZE_CASES))
 @pytest.mark.parametrize(
     ("mode", "mu", "beta"),

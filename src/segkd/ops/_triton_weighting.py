@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from segkd.ops import _weighting
-from segkd.ops._triton_backend import _device_guard, _kernel_for, _to_fp32
+from segkd.ops._triton_backend import _device_guard, _kernel_for, _new_output, _to_fp32
 
 __all__ = ["finalize"]
 
@@ -156,8 +156,8 @@ def finalize(
     num_rows = kl.shape[0]
     num_images = num_rows // channels
     loss_shape: tuple[int, ...] = (num_images, channels) if reduction == "none" else ()
-    loss = torch.empty(loss_shape, dtype=kl.dtype, device=kl.device)
-    coef = torch.empty_like(kl)
+    loss = _new_output(loss_shape, kl.dtype, kl.device)
+    coef = _new_output(tuple(kl.shape), kl.dtype, kl.device)
     if aux is not None:
         aux = aux.contiguous()
     images, block_c = _tile(num_images, channels)
