@@ -32,6 +32,8 @@ and two in the backward, are the floor, the same as the eager formula's):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -61,40 +63,53 @@ def _rows_per_block(num_rows: int, row_length: int, device: torch.device) -> int
     return max(1, min(block // max(row_length, 1), num_rows))
 
 
+class _Block(NamedTuple):
+    """Views of one block of the workspace: ``inputs`` is ``(2, rows, L)``, ``s``/``t`` its halves."""
+
+    inputs: Tensor
+    s: Tensor
+    t: Tensor
+    probs: Tensor
+    p_s: Tensor
+    p_t: Tensor
+
+
 class _Workspace:
     """Two reusable ``(2, rows, L)`` blocks in the compute dtype, for the inputs and for their softmaxes.
 
     ``[0]`` holds student rows, ``[1]`` teacher rows. Reused from block to block, so the loop
-    allocates nothing (no page faults where the allocator hands freed blocks back to the system).
+    allocates nothing (no page faults where the allocator hands freed blocks back to the system),
+    and its views are made once per block size (the full blocks and the last one).
     """
 
     def __init__(self, rows_per_block: int, row_length: int, dtype: torch.dtype, device: torch.device) -> None:
         self._inputs = torch.empty(2 * rows_per_block * row_length, dtype=dtype, device=device)
         self._probs = torch.empty_like(self._inputs)
         self._row_length = row_length
-        self._views: dict[int, tuple[Tensor, Tensor]] = {}
+        self._blocks: dict[int, _Block] = {}
 
-    def _pair_views(self, num_rows: int) -> tuple[Tensor, Tensor]:
-        views = self._views.get(num_rows)
-        if views is None:  # one pair of views per block size: the full blocks and the last one
+    def _block(self, num_rows: int) -> _Block:
+        block = self._blocks.get(num_rows)
+        if block is None:
             shape = (2, num_rows, self._row_length)
             size = 2 * num_rows * self._row_length
-            views = self._views[num_rows] = (self._inputs[:size].view(shape), self._probs[:size].view(shape))
-        return views
+            inputs, probs = self._inputs[:size].view(shape), self._probs[:size].view(shape)
+            (s, t), (p_s, p_t) = inputs.unbind(0), probs.unbind(0)
+            block = self._blocks[num_rows] = _Block(inputs, s, t, probs, p_s, p_t)
+        return block
 
-    def load(self, student: Tensor, teacher: Tensor, inv_tau: float) -> tuple[Tensor, Tensor]:
-        """``(pair, probs)``: ``pair`` holds ``student / tau`` and ``teacher / tau``, ``probs`` is free."""
-        pair, probs = self._pair_views(student.shape[0])
-        s, t = pair[0], pair[1]
-        if student.dtype == pair.dtype and inv_tau != 1.0:
-            torch.mul(student, inv_tau, out=s)  # read, scale and write in one pass
-            torch.mul(teacher, inv_tau, out=t)
+    def load(self, student: Tensor, teacher: Tensor, inv_tau: float) -> _Block:
+        """A block whose ``s``/``t`` hold ``student / tau`` and ``teacher / tau``; ``probs`` is free."""
+        block = self._block(student.shape[0])
+        if student.dtype == block.inputs.dtype and inv_tau != 1.0:
+            torch.mul(student, inv_tau, out=block.s)  # read, scale and write in one pass
+            torch.mul(teacher, inv_tau, out=block.t)
         else:
-            s.copy_(student)  # converts a half-precision input
-            t.copy_(teacher)
+            block.s.copy_(student)  # converts a half-precision input
+            block.t.copy_(teacher)
             if inv_tau != 1.0:
-                pair.mul_(inv_tau)
-        return pair, probs
+                block.inputs.mul_(inv_tau)
+        return block
 
 
 def forward(
@@ -125,15 +140,13 @@ def forward(
         strict=True,
     )
     for student_rows, teacher_rows, max_out, top_out, cross_out, sqdist_out in blocks:
-        pair, probs = workspace.load(student_rows, teacher_rows, inv_tau)
-        torch.amax(pair, dim=2, out=max_out)
-        torch.softmax(pair, dim=2, out=probs)  # one fused, vectorised kernel for both inputs
-        torch.amax(probs, dim=2, out=top_out)
-        s, t = pair.unbind(0)
-        p_s, p_t = probs.unbind(0)
-        torch.sum(t.sub_(s).mul_(p_t), dim=1, out=cross_out)
+        block = workspace.load(student_rows, teacher_rows, inv_tau)
+        torch.amax(block.inputs, dim=2, out=max_out)
+        torch.softmax(block.inputs, dim=2, out=block.probs)  # one fused, vectorised kernel for both inputs
+        torch.amax(block.probs, dim=2, out=top_out)
+        torch.sum(block.t.sub_(block.s).mul_(block.p_t), dim=1, out=cross_out)
         if sqdist_out is not None:
-            torch.sum(p_s.sub_(p_t).square_(), dim=1, out=sqdist_out)
+            torch.sum(block.p_s.sub_(block.p_t).square_(), dim=1, out=sqdist_out)
     max_s, max_t = maxima.unbind(0)
     top_s, top_t = tops.unbind(0)
     # KL = sum_i p_T,i (log p_T,i - log p_S,i) = cross - (lse_T - lse_S), as sum_i p_T,i = 1, with
@@ -163,11 +176,11 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
     blocks = zip(student.split(rows), teacher.split(rows), scale.split(rows), grad_student.split(rows), strict=True)
     for student_rows, teacher_rows, scale_rows, grad_out in blocks:
         # exp(x / tau - lse) is the softmax of x / tau: the fused kernel is faster than sub_ + exp_.
-        pair, probs = workspace.load(student_rows, teacher_rows, inv_tau)
-        p_s, p_t = torch.softmax(pair, dim=2, out=probs).unbind(0)
+        block = workspace.load(student_rows, teacher_rows, inv_tau)
+        torch.softmax(block.inputs, dim=2, out=block.probs)
         # Formed and scaled in the compute dtype, rounded once into the gradient's dtype.
         if same_dtype:
-            torch.mul(p_s.sub_(p_t), scale_rows, out=grad_out)
+            torch.mul(block.p_s.sub_(block.p_t), scale_rows, out=grad_out)
         else:
-            grad_out.copy_(p_s.sub_(p_t).mul_(scale_rows))
+            grad_out.copy_(block.p_s.sub_(block.p_t).mul_(scale_rows))
     return grad_student
