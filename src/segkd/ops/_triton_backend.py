@@ -30,12 +30,12 @@ inputs: a row is read in chunks of at most ``FORWARD_MAX_BLOCK_L`` (forward) or
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import struct
 from typing import Any
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -62,10 +62,20 @@ def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints (plain Python: ``triton.cdiv`` costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n`` (``n >= 1``), as ``triton.next_power_of_2`` but a plain Python call."""
+    return 1 << (n - 1).bit_length()
+
+
 def _tile(row_length: int, num_rows: int, max_block: int) -> tuple[int, int]:
     """``(ROWS, BLOCK_L)``: chunk length (a power of two) and rows per program."""
-    block_l = min(triton.next_power_of_2(row_length), max_block)
-    rows = max(1, min(TARGET_TILE_ELEMENTS // block_l, MAX_ROWS_PER_PROGRAM, triton.next_power_of_2(num_rows)))
+    block_l = min(next_power_of_2(row_length), max_block)
+    rows = max(1, min(TARGET_TILE_ELEMENTS // block_l, MAX_ROWS_PER_PROGRAM, next_power_of_2(num_rows)))
     return rows, block_l
 
 
@@ -103,6 +113,7 @@ def _acc(dtype: torch.dtype) -> Any:
     return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=64)
 def _split_inverse(tau: float) -> tuple[float, float]:
     """``1 / tau`` as an fp32 value plus the fp32 rest: fp64 kernels get ~48 bits of it.
 
@@ -138,7 +149,7 @@ def forward(
     rows, block_l = _tile(row_length, num_rows, FORWARD_MAX_BLOCK_L)
     kernel = _kernel_for(_triton_kernels.channel_kl_forward_kernel, student.device)
     with _device_guard(student.device):
-        kernel[(triton.cdiv(num_rows, rows),)](
+        kernel[(cdiv(num_rows, rows),)](
             student,
             teacher,
             kl,
@@ -182,10 +193,10 @@ def backward(
         grad_kl = grad_kl.contiguous()
     grad = _new_output((num_rows, row_length), student.dtype, student.device)
     rows, block_l = _tile(row_length, num_rows, BACKWARD_MAX_BLOCK_L)
-    num_col_blocks = triton.cdiv(row_length, block_l)
+    num_col_blocks = cdiv(row_length, block_l)
     kernel = _kernel_for(_triton_kernels.channel_kl_backward_kernel, student.device)
     with _device_guard(student.device):
-        kernel[(triton.cdiv(num_rows, rows) * num_col_blocks,)](
+        kernel[(cdiv(num_rows, rows) * num_col_blocks,)](
             student,
             teacher,
             stats_s,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 from typing import Any, Literal, overload
 
@@ -30,6 +31,7 @@ __all__ = ["BACKENDS", "ChannelKLFunction", "available_backends", "channel_kl", 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
 _DISABLE_TRITON_ENV = "SEGKD_DISABLE_TRITON"
+_TRITON_LAUNCHERS = "segkd.ops._triton_backend"
 
 
 def _env_flag(name: str) -> bool:
@@ -38,8 +40,11 @@ def _env_flag(name: str) -> bool:
 
 def _triton_module() -> ModuleType | None:
     """The Triton launcher module, or ``None`` when Triton cannot be imported here."""
+    loaded = sys.modules.get(_TRITON_LAUNCHERS)  # the per-call fast path: no import machinery
+    if loaded is not None:
+        return loaded
     try:
-        return importlib.import_module("segkd.ops._triton_backend")
+        return importlib.import_module(_TRITON_LAUNCHERS)
     except ImportError:
         return None
 

@@ -17,6 +17,7 @@ Layers: :func:`weighted_channel_kl` (validation, dispatch) → :class:`WeightedC
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any, Literal
 
 import torch
@@ -32,11 +33,13 @@ __all__ = ["WEIGHTINGS", "WeightedChannelKLFunction", "weighted_channel_kl"]
 Weighting = Literal["uniform", "hwd"]
 WEIGHTINGS = ("uniform", "hwd")
 Reduction = Literal["mean", "sum", "none"]
+_TRITON_FINALIZE = "segkd.ops._triton_weighting"
 
 
 def _finalize(backend: str) -> Any:
     if backend == "triton":
-        return importlib.import_module("segkd.ops._triton_weighting").finalize
+        module = sys.modules.get(_TRITON_FINALIZE) or importlib.import_module(_TRITON_FINALIZE)
+        return module.finalize
     return _weighting.finalize
 
 
