@@ -82,11 +82,16 @@ class _Workspace:
     and its views are made once per block size (the full blocks and the last one).
     """
 
-    def __init__(self, rows_per_block: int, row_length: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, rows_per_block: int, row_length: int, dtype: torch.dtype, device: torch.device, tau: float
+    ) -> None:
         self._inputs = torch.empty(2 * rows_per_block * row_length, dtype=dtype, device=device)
         self._probs = torch.empty_like(self._inputs)
         self._row_length = row_length
         self._blocks: dict[int, _Block] = {}
+        # 1/tau as a 0-dim CPU tensor of the compute dtype (the value a Python float would be cast to):
+        # an operation wraps a Python scalar into a tensor on every call, a few microseconds each.
+        self._inv_tau = None if tau == 1.0 else torch.tensor(1.0 / tau, dtype=dtype)
 
     def _block(self, num_rows: int) -> _Block:
         block = self._blocks.get(num_rows)
@@ -98,16 +103,17 @@ class _Workspace:
             block = self._blocks[num_rows] = _Block(inputs, s, t, probs, p_s, p_t)
         return block
 
-    def load(self, student: Tensor, teacher: Tensor, inv_tau: float) -> _Block:
+    def load(self, student: Tensor, teacher: Tensor) -> _Block:
         """A block whose ``s``/``t`` hold ``student / tau`` and ``teacher / tau``; ``probs`` is free."""
         block = self._block(student.shape[0])
-        if student.dtype == block.inputs.dtype and inv_tau != 1.0:
+        inv_tau = self._inv_tau
+        if inv_tau is not None and student.dtype == block.inputs.dtype:
             torch.mul(student, inv_tau, out=block.s)  # read, scale and write in one pass
             torch.mul(teacher, inv_tau, out=block.t)
         else:
             block.s.copy_(student)  # converts a half-precision input
             block.t.copy_(teacher)
-            if inv_tau != 1.0:
+            if inv_tau is not None:
                 block.inputs.mul_(inv_tau)
         return block
 
@@ -119,7 +125,6 @@ def forward(
     num_rows, row_length = student.shape
     dtype = compute_dtype(student.dtype)
     device = student.device
-    inv_tau = 1.0 / tau
     # Per-row results, written in place block by block and combined once after the loop: the row
     # maxima of s and t, the largest probability of p_S and p_T, and sum_i p_T,i (t_i - s_i).
     maxima = torch.empty(2, num_rows, dtype=dtype, device=device)
@@ -127,7 +132,7 @@ def forward(
     cross = torch.empty(num_rows, dtype=dtype, device=device)
     sqdist = torch.empty(num_rows, dtype=dtype, device=device) if need_sqdist else None
     rows = _rows_per_block(num_rows, row_length, device)
-    workspace = _Workspace(rows, row_length, dtype, device)
+    workspace = _Workspace(rows, row_length, dtype, device, tau)
     student_blocks, teacher_blocks = student.split(rows), teacher.split(rows)
     sqdist_blocks = sqdist.split(rows) if sqdist is not None else (None,) * len(student_blocks)
     blocks = zip(
@@ -140,7 +145,7 @@ def forward(
         strict=True,
     )
     for student_rows, teacher_rows, max_out, top_out, cross_out, sqdist_out in blocks:
-        block = workspace.load(student_rows, teacher_rows, inv_tau)
+        block = workspace.load(student_rows, teacher_rows)
         torch.amax(block.inputs, dim=2, out=max_out)
         torch.softmax(block.inputs, dim=2, out=block.probs)  # one fused, vectorised kernel for both inputs
         torch.amax(block.probs, dim=2, out=top_out)
@@ -171,12 +176,12 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
     inv_tau = 1.0 / tau
     scale = (grad_kl.to(dtype) * inv_tau)[:, None]
     rows = _rows_per_block(num_rows, row_length, device)
-    workspace = _Workspace(rows, row_length, dtype, device)
+    workspace = _Workspace(rows, row_length, dtype, device, tau)
     same_dtype = student.dtype == dtype
     blocks = zip(student.split(rows), teacher.split(rows), scale.split(rows), grad_student.split(rows), strict=True)
     for student_rows, teacher_rows, scale_rows, grad_out in blocks:
         # exp(x / tau - lse) is the softmax of x / tau: the fused kernel is faster than sub_ + exp_.
-        block = workspace.load(student_rows, teacher_rows, inv_tau)
+        block = workspace.load(student_rows, teacher_rows)
         torch.softmax(block.inputs, dim=2, out=block.probs)
         # Formed and scaled in the compute dtype, rounded once into the gradient's dtype.
         if same_dtype:
