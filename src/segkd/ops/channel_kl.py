@@ -3,7 +3,7 @@
 Four layers, four names:
 
 * :func:`channel_kl` (dispatcher): validates, flattens ``(N, C, *)`` to rows, picks a backend.
-* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row log-normalisers only. Under
+* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row normaliser statistics only. Under
   ``torch.compile`` the same launchers run behind the ``torch.library`` custom ops
   ``segkd::channel_kl_forward`` / ``segkd::channel_kl_backward`` (fake and autograd registered), so
   Dynamo and Inductor see one opaque call and the graph does not break.
@@ -247,7 +247,7 @@ def channel_kl(
     The backward pass gives ``grad_student = grad_kl[n, c] / tau * (p_S - p_T)``; the teacher is
     detached and gets no gradient; ``sqdist`` carries none. Statistics are accumulated in fp32
     (fp64 for fp64 inputs) and returned in that dtype; the gradient has the student's dtype.
-    Only the inputs and two numbers per channel are kept for the backward pass.
+    Only the inputs and two to four numbers per channel are kept for the backward pass.
 
     Args:
         student: student logits.

@@ -3,7 +3,7 @@
 :func:`segkd.ops.channel_kl` returns the ``(N, C)`` KL values; a loss then weights, scales and
 reduces them with a handful of small operations, and its backward expands the gradient back to
 ``(N * C,)`` before the row kernel runs. This op does the whole loss in three launches on the
-Triton backend: the row kernel (KL, squared distance, log-normalisers), one finalize kernel
+Triton backend: the row kernel (KL, squared distance, normaliser statistics), one finalize kernel
 (HWD's weights, ``tau^2`` scaling, reduction, and the backward coefficients
 ``coef = d loss / d kl``), and in the backward one row kernel that folds ``grad_output * coef``
 in. The PyTorch backend runs the same steps with PyTorch operations (``_weighting``), and is the
