@@ -444,20 +444,25 @@ LARGE_LOGIT_CASES = {
 }
 
 
+def _large_logit_rows(case: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(student, teacher, noise, tau)``: three rows of 21 of a ``LARGE_LOGIT_CASES`` case, on the CPU."""
+    dtype, s_offset, t_offset, spread, noise, tau = LARGE_LOGIT_CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(3, 21, generator=gen, dtype=torch.float64) * spread
+    if noise:  # the student is the teacher plus small noise
+        student = (s_offset + base + noise * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    else:
+        student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
+    return student, (t_offset + base).to(dtype), noise, tau
+
+
 @pytest.mark.usefixtures("tiny_blocks")
 @pytest.mark.parametrize("case", LARGE_LOGIT_CASES, ids=str)
 def test_large_logits_keep_fp32_accuracy(case: str) -> None:
     # |x| / tau ~ 1e4 with softmax spreads of a few units: exp(x / tau - lse) would carry the fp32 rounding of
     # lse (~1e-3 absolute at 1e4), i.e. ~1e-3 relative in every p. The kernel subtracts the row max before
     # scaling and must stay at fp32 rounding of the (rounded) inputs. Rows of 21 cross three chunks of 8.
-    dtype, s_offset, t_offset, spread, noise, tau = LARGE_LOGIT_CASES[case]
-    gen = torch.Generator().manual_seed(23)
-    base = torch.randn(3, 21, generator=gen, dtype=torch.float64) * spread
-    if noise:  # the student is the teacher plus small noise
-        student = (s_offset + base + noise * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
-    else:
-        student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
-    teacher = (t_offset + base).to(dtype)
+    student, teacher, noise, tau = _large_logit_rows(case, seed=23)
     kl, sqdist = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, True)[:2]
     assert sqdist is not None
     ref_kl, ref_sqdist = _reference_decimal(student, teacher, tau)
@@ -472,14 +477,8 @@ def test_large_logits_keep_fp32_accuracy(case: str) -> None:
 def test_large_logits_keep_fp32_accuracy_in_the_backward(case: str) -> None:
     # The backward forms p = exp((x - max) / tau - log z) from the stored (max, log z): with
     # exp(x / tau - lse) the gradient of these cases was off by ~1e-3 relative (fp32 rounding of lse).
-    dtype, s_offset, t_offset, spread, noise, tau = LARGE_LOGIT_CASES[case]
-    gen = torch.Generator().manual_seed(24)
-    base = torch.randn(3, 21, generator=gen, dtype=torch.float64) * spread
-    if noise:  # the student is the teacher plus small noise
-        student = (s_offset + base + noise * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
-    else:
-        student = (s_offset + spread * torch.randn(3, 21, generator=gen, dtype=torch.float64)).to(dtype)
-    teacher = (t_offset + base).to(dtype)
+    student, teacher, _, tau = _large_logit_rows(case, seed=24)
+    dtype = student.dtype
     grad_kl = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float32)
     _, _, stats_s, stats_t = _triton_backend.forward(student.to(DEVICE), teacher.to(DEVICE), tau, False)
     grad = _triton_backend.backward(student.to(DEVICE), teacher.to(DEVICE), stats_s, stats_t, grad_kl.to(DEVICE), tau)

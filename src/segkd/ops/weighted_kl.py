@@ -181,22 +181,11 @@ if _channel_kl_backward_op is not None:  # torch >= 2.4, as for channel_kl
     _forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _apply(
-    student: Tensor,
-    teacher: Tensor,
-    weights: Tensor | None,
-    tau: float,
-    channels: int,
-    mode: str,
-    mu: float,
-    beta: float,
-    reduction: str,
-    backend: str,
-) -> Tensor:
+def _apply(*arguments: Any) -> Tensor:
+    """Run the op on rows with ``_forward_impl``'s arguments: the autograd.Function eagerly, the custom op compiling."""
     if _forward_op is not None and torch.compiler.is_compiling():
-        loss, _, _, _ = _forward_op(student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
-        return loss
-    return WeightedChannelKLFunction.apply(student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
+        return _forward_op(*arguments)[0]
+    return WeightedChannelKLFunction.apply(*arguments)
 
 
 def weighted_channel_kl(
