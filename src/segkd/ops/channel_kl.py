@@ -121,8 +121,8 @@ class ChannelKLFunction(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
     ) -> tuple[Tensor, Tensor]:
-        kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
-        ctx.save_for_backward(student, teacher, lse_s, lse_t)
+        kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
+        ctx.save_for_backward(student, teacher, stats_s, stats_t)
         ctx.tau = tau  # type: ignore[attr-defined]
         ctx.backend = backend  # type: ignore[attr-defined]
         if sqdist is None:
@@ -133,10 +133,11 @@ class ChannelKLFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor | None, grad_sqdist: Tensor | None) -> tuple[Tensor | None, ...]:
-        student, teacher, lse_s, lse_t = ctx.saved_tensors
+        student, teacher, stats_s, stats_t = ctx.saved_tensors
         if grad_kl is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        grad_student = _launcher(ctx.backend).backward(student, teacher, lse_s, lse_t, grad_kl.contiguous(), ctx.tau)
+        launcher = _launcher(ctx.backend)
+        grad_student = launcher.backward(student, teacher, stats_s, stats_t, grad_kl.contiguous(), ctx.tau)
         return grad_student, None, None, None, None
 
 
@@ -151,8 +152,8 @@ class ChannelKLFunction(torch.autograd.Function):
 def _forward_op_impl(
     student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
-    return kl, (kl.new_empty(0) if sqdist is None else sqdist), lse_s, lse_t
+    kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
+    return kl, (kl.new_empty(0) if sqdist is None else sqdist), stats_s, stats_t
 
 
 def _forward_op_fake(
@@ -167,31 +168,31 @@ def _forward_op_fake(
 
 
 def _backward_op_impl(
-    student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float, backend: str
+    student: Tensor, teacher: Tensor, stats_s: Tensor, stats_t: Tensor, grad_kl: Tensor, tau: float, backend: str
 ) -> Tensor:
-    return _launcher(backend).backward(student, teacher, lse_s, lse_t, grad_kl.contiguous(), tau)
+    return _launcher(backend).backward(student, teacher, stats_s, stats_t, grad_kl.contiguous(), tau)
 
 
 def _backward_op_fake(
-    student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float, backend: str
+    student: Tensor, teacher: Tensor, stats_s: Tensor, stats_t: Tensor, grad_kl: Tensor, tau: float, backend: str
 ) -> Tensor:
     return torch.empty(student.shape, dtype=student.dtype, device=student.device)
 
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     student, teacher, tau, _, backend = inputs
-    _, sqdist, lse_s, lse_t = output
-    ctx.save_for_backward(student, teacher, lse_s, lse_t)
+    _, sqdist, stats_s, stats_t = output
+    ctx.save_for_backward(student, teacher, stats_s, stats_t)
     ctx.tau = tau
     ctx.backend = backend
-    ctx.mark_non_differentiable(sqdist, lse_s, lse_t)
+    ctx.mark_non_differentiable(sqdist, stats_s, stats_t)
 
 
 def _op_backward(ctx: Any, grad_kl: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-    student, teacher, lse_s, lse_t = ctx.saved_tensors
+    student, teacher, stats_s, stats_t = ctx.saved_tensors
     if grad_kl is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    grad_student = _channel_kl_backward_op(student, teacher, lse_s, lse_t, grad_kl, ctx.tau, ctx.backend)
+    grad_student = _channel_kl_backward_op(student, teacher, stats_s, stats_t, grad_kl, ctx.tau, ctx.backend)
     return grad_student, None, None, None, None
 
 

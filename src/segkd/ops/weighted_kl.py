@@ -47,8 +47,8 @@ def _backward(
     backend: str,
     student: Tensor,
     teacher: Tensor,
-    lse_s: Tensor,
-    lse_t: Tensor,
+    stats_s: Tensor,
+    stats_t: Tensor,
     coef: Tensor,
     grad_loss: Tensor,
     tau: float,
@@ -58,8 +58,8 @@ def _backward(
     grad_rows = grad_loss.reshape(-1)
     if getattr(launcher, "FUSED_COEFFICIENTS", False):
         # One kernel: grad_loss (a scalar, or one value per row) and coef are folded in per row.
-        return launcher.backward(student, teacher, lse_s, lse_t, grad_rows, tau, coef=coef)
-    return launcher.backward(student, teacher, lse_s, lse_t, (coef * grad_rows.to(coef.dtype)).contiguous(), tau)
+        return launcher.backward(student, teacher, stats_s, stats_t, grad_rows, tau, coef=coef)
+    return launcher.backward(student, teacher, stats_s, stats_t, (coef * grad_rows.to(coef.dtype)).contiguous(), tau)
 
 
 class WeightedChannelKLFunction(torch.autograd.Function):
@@ -83,10 +83,10 @@ class WeightedChannelKLFunction(torch.autograd.Function):
         reduction: str,
         backend: str,
     ) -> Tensor:
-        loss, coef, lse_s, lse_t = _forward_impl(
+        loss, coef, stats_s, stats_t = _forward_impl(
             student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend
         )
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, coef)
+        ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
         ctx.tau = tau  # type: ignore[attr-defined]
         ctx.backend = backend  # type: ignore[attr-defined]
         return loss
@@ -94,11 +94,11 @@ class WeightedChannelKLFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
-        student, teacher, lse_s, lse_t, coef = ctx.saved_tensors
+        student, teacher, stats_s, stats_t, coef = ctx.saved_tensors
         nothing: tuple[None, ...] = (None,) * 9
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None, *nothing)
-        grad = _backward(ctx.backend, student, teacher, lse_s, lse_t, coef, grad_loss, ctx.tau)
+        grad = _backward(ctx.backend, student, teacher, stats_s, stats_t, coef, grad_loss, ctx.tau)
         return (grad, *nothing)
 
 
@@ -114,10 +114,10 @@ def _forward_impl(
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kl, sqdist, lse_s, lse_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
+    kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
     aux = sqdist if mode == "hwd" else weights
     loss, coef = _finalize(backend)(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
-    return loss, coef, lse_s, lse_t
+    return loss, coef, stats_s, stats_t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,20 +157,20 @@ def _weighting_dtype(student: Tensor) -> torch.dtype:
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     student, teacher, _, tau, _, _, _, _, _, backend = inputs
-    _, coef, lse_s, lse_t = output
-    ctx.save_for_backward(student, teacher, lse_s, lse_t, coef)
+    _, coef, stats_s, stats_t = output
+    ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
     ctx.tau = tau
     ctx.backend = backend
-    ctx.mark_non_differentiable(coef, lse_s, lse_t)
+    ctx.mark_non_differentiable(coef, stats_s, stats_t)
 
 
 def _op_backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-    student, teacher, lse_s, lse_t, coef = ctx.saved_tensors
+    student, teacher, stats_s, stats_t, coef = ctx.saved_tensors
     nothing: tuple[None, ...] = (None,) * 9
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return (None, *nothing)
     grad_kl = coef * grad_loss.reshape(-1).to(coef.dtype)
-    grad = _channel_kl_backward_op(student, teacher, lse_s, lse_t, grad_kl, ctx.tau, ctx.backend)
+    grad = _channel_kl_backward_op(student, teacher, stats_s, stats_t, grad_kl, ctx.tau, ctx.backend)
     return (grad, *nothing)
 
 
