@@ -214,6 +214,16 @@ def _apply(student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, back
     return ChannelKLFunction.apply(student, teacher, tau, need_sqdist, backend)
 
 
+def as_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate a logit pair and return it as ``(N * C, L)`` rows: mixed dtypes promoted, the teacher detached."""
+    _checks.check_student_teacher_logits(student, teacher)
+    if student.dtype != teacher.dtype:  # e.g. a bf16 student under autocast and an fp32 teacher
+        common = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(common), teacher.to(common)
+    rows = student.shape[0] * student.shape[1]
+    return student.reshape(rows, -1), teacher.detach().reshape(rows, -1)
+
+
 @overload
 def channel_kl(
     student: Tensor, teacher: Tensor, tau: float = ..., *, return_sqdist: Literal[False] = ..., backend: Backend = ...
@@ -282,15 +292,10 @@ def channel_kl(
         >>> round(kl.sum().item(), 4)
         7.9162
     """
-    _checks.check_student_teacher_logits(student, teacher)
-    if student.dtype != teacher.dtype:  # e.g. a bf16 student under autocast and an fp32 teacher
-        common = torch.promote_types(student.dtype, teacher.dtype)
-        student, teacher = student.to(common), teacher.to(common)
+    student_rows, teacher_rows = as_rows(student, teacher)
     tau = _checks.check_positive(tau, "tau")
     name = resolve_backend(backend, student.device)
     batch, channels = student.shape[:2]
-    student_rows = student.reshape(batch * channels, -1)
-    teacher_rows = teacher.detach().reshape(batch * channels, -1)
     kl, sqdist = _apply(student_rows, teacher_rows, tau, return_sqdist, name)
     kl = kl.view(batch, channels)
     if return_sqdist:

@@ -26,7 +26,14 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from segkd import _checks
 from segkd.ops import _weighting
-from segkd.ops.channel_kl import Backend, _channel_kl_backward_op, _launcher, resolve_backend, stats_shape
+from segkd.ops.channel_kl import (
+    Backend,
+    _channel_kl_backward_op,
+    _launcher,
+    as_rows,
+    resolve_backend,
+    stats_shape,
+)
 
 __all__ = ["WEIGHTINGS", "WeightedChannelKLFunction", "weighted_channel_kl"]
 
@@ -256,23 +263,18 @@ def weighted_channel_kl(
         6.897
         >>> loss.backward()
     """
-    _checks.check_student_teacher_logits(student, teacher)
-    if student.dtype != teacher.dtype:  # e.g. a bf16 student under autocast and an fp32 teacher
-        common = torch.promote_types(student.dtype, teacher.dtype)
-        student, teacher = student.to(common), teacher.to(common)
+    student_rows, teacher_rows = as_rows(student, teacher)
     tau = _checks.check_positive(tau, "tau")
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
-    batch, channels = student.shape[:2]
+    channels = student.shape[1]
     given: Tensor | None = None
     if isinstance(weights, str):
         mode = _checks.check_choice(weights, "weights", WEIGHTINGS)
     else:
         given = _checks.check_weights_tensor(weights, "weights", student)
-        given = given.detach().reshape(-1).to(_weighting_dtype(student))
+        given = given.detach().reshape(-1).to(_weighting_dtype(student_rows))
         mode = "given"
     name = resolve_backend(backend, student.device)
-    student_rows = student.reshape(batch * channels, -1)
-    teacher_rows = teacher.detach().reshape(batch * channels, -1)
     return _apply(student_rows, teacher_rows, given, tau, channels, mode, mu, beta, reduction, name)
