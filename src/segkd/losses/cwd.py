@@ -71,9 +71,8 @@ def cwd_loss(
         >>> student.grad.shape
         torch.Size([2, 4, 16, 16])
     """
-    reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
-    tau = _checks.check_positive(tau, "tau")
-    # The fused op: KL rows, tau^2 scaling and reduction; it detaches the teacher.
+    # The fused op validates every argument, computes the KL rows, tau^2 scaling and reduction, and
+    # detaches the teacher.
     return weighted_channel_kl(student, teacher, tau, "uniform", reduction=reduction, backend=backend)
 
 
