@@ -6,17 +6,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 EXTRAS ?= test,dev,triton,examples
+CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.segkd-installed
 PYTEST_ARGS ?=
 LINT_PATHS := src tests examples benchmarks
 
 .PHONY: install demo quickstart test lint format typecheck pytest fuzz bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)
