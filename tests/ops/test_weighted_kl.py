@@ -45,6 +45,19 @@ needs_triton = pytest.mark.skipif(
     not TRITON_OK, reason="Triton not installed, or imported before TRITON_INTERPRET=1 on a CPU-only machine"
 )
 BACKENDS = ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.triton])]
+# "triton-split": the Triton backend with its rows split into segments (the tests/ops/conftest.py fixture).
+BACKENDS_WITH_SPLIT = [*BACKENDS, pytest.param("triton-split", marks=[needs_triton, pytest.mark.triton])]
+
+
+def _backend(name: str, request: pytest.FixtureRequest, rows: int, row_length: int) -> str:
+    """The concrete backend of a ``BACKENDS_WITH_SPLIT`` name, splitting the rows for ``"triton-split"``."""
+    if name != "triton-split":
+        return name
+    request.getfixturevalue("split_rows")
+    plan = importlib.import_module("segkd.ops._triton_backend").plan_segments
+    assert plan(rows, row_length, DEVICE)[0] > 1
+    return "triton"
+
 
 # Tolerances against the float64 reference, on inputs already rounded to the dtype.
 TOLERANCES = {
@@ -89,11 +102,14 @@ def _reference_loss_and_grad(
     return loss.detach(), grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_WITH_SPLIT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighting", ["uniform", "hwd", "given"])
-def test_matches_float64_reference(backend: str, dtype: torch.dtype, reduction: str, weighting: str) -> None:
+def test_matches_float64_reference(
+    backend: str, dtype: torch.dtype, reduction: str, weighting: str, request: pytest.FixtureRequest
+) -> None:
+    backend = _backend(backend, request, 15, 63)
     student, teacher = _inputs((3, 5, 7, 9), dtype, seed=1)
     tau, mu, beta = 2.5, 0.5, 0.1
     weights: Any = weighting
@@ -301,12 +317,17 @@ class _OperatorLog(TorchDispatchMode):
         pytest.param(lambda s, t: hwd_loss(s, t, 4.0, 1.0, 0.1, backend="triton"), id="hwd"),
     ],
 )
-def test_triton_forward_backward_is_at_most_four_launches(loss_fn: Callable[[Any, Any], Any], monkeypatch: Any) -> None:
+@pytest.mark.parametrize("split", [False, True], ids=["whole-rows", "split-rows"])
+def test_triton_forward_backward_is_at_most_four_launches(
+    loss_fn: Callable[[Any, Any], Any], split: bool, monkeypatch: Any, request: pytest.FixtureRequest
+) -> None:
     """Issue 3's kernel budget: <= 4 launches for a CWD or HWD forward + backward (eager PyTorch: 19).
 
     Counted on CPU: Triton launches by wrapping the kernels, ATen operators by a dispatch mode
     (the ``ones_like`` that ``loss.backward()`` creates as the incoming gradient is one of them).
+    With the rows split into segments, the finalize combines them: still three Triton launches.
     """
+    _backend("triton-split" if split else "triton", request, 6, 64)
     backend = importlib.import_module("segkd.ops._triton_backend")
     triton_launches: list[str] = []
     original = backend._kernel_for

@@ -42,7 +42,7 @@ from torch import Tensor
 from segkd.ops import _triton_kernels
 from segkd.ops._torch_backend import compute_dtype
 
-__all__ = ["FUSED_COEFFICIENTS", "backward", "forward", "stats_shape"]
+__all__ = ["FUSED_COEFFICIENTS", "backward", "forward", "forward_partials", "plan_segments", "stats_shape"]
 
 FUSED_COEFFICIENTS = True  # backward() takes coef=: a weighted loss's backward is one launch
 
@@ -50,6 +50,15 @@ FORWARD_MAX_BLOCK_L = 2048
 BACKWARD_MAX_BLOCK_L = 2048
 TARGET_TILE_ELEMENTS = 2048
 MAX_ROWS_PER_PROGRAM = 64
+# Few long rows (e.g. 152 rows of 8192): the forward splits each row into segments of at least
+# MIN_SEGMENT_ELEMENTS, one program each, until there are PROGRAMS_PER_SM programs per multiprocessor
+# (see plan_segments). SPLIT_ROWS = False keeps one program per row block (the benchmark compares both).
+SPLIT_ROWS = True
+PROGRAMS_PER_SM = 4
+MIN_SEGMENT_ELEMENTS = 2048
+PARTIAL_FIELDS = 6  # per segment: max and z of each input, log(z_T / z_S), and the segment KL
+PARTIAL_SQDIST_FIELDS = 3  # with the squared distance: A, B and C of combine_segments
+COMBINE_BLOCK_ROWS = 128
 
 
 def stats_shape(num_rows: int) -> tuple[int, ...]:
@@ -77,6 +86,38 @@ def _tile(row_length: int, num_rows: int, max_block: int) -> tuple[int, int]:
     block_l = min(next_power_of_2(row_length), max_block)
     rows = max(1, min(TARGET_TILE_ELEMENTS // block_l, MAX_ROWS_PER_PROGRAM, next_power_of_2(num_rows)))
     return rows, block_l
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs the forward should launch at least (below it, rows are split); 0 under the interpreter."""
+    if device.type != "cuda":
+        return 0
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return PROGRAMS_PER_SM * _multiprocessors(index)
+
+
+def plan_segments(num_rows: int, row_length: int, device: torch.device) -> tuple[int, int]:
+    """``(num_segments, segment_length)`` of the forward: ``(1, row_length)`` when rows are not split.
+
+    Rows are split when one program per row block would leave the GPU short of programs
+    (``_target_programs``) and the rows are long enough for segments of ``MIN_SEGMENT_ELEMENTS``;
+    segments are whole chunks (``FORWARD_MAX_BLOCK_L``) except the last.
+    """
+    rows, block_l = _tile(row_length, num_rows, FORWARD_MAX_BLOCK_L)
+    programs = cdiv(num_rows, rows)
+    target = _target_programs(device)
+    most = row_length // MIN_SEGMENT_ELEMENTS
+    if not SPLIT_ROWS or programs >= target or most < 2:
+        return 1, row_length
+    wanted = min(most, cdiv(target, programs))
+    segment_length = cdiv(cdiv(row_length, wanted), block_l) * block_l
+    segments = cdiv(row_length, segment_length)
+    return (segments, segment_length) if segments > 1 else (1, row_length)
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -138,7 +179,10 @@ def _device_guard(device: torch.device) -> Any:
 def forward(
     student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the ``(R, 2)`` statistics ``(max, log z)``."""
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the ``(R, 2)`` statistics ``(max, log z)``.
+
+    One launch; two when the rows are split (``plan_segments``): the segments, then their combination.
+    """
     student, teacher = _rows(student), _rows(teacher)
     num_rows, row_length = student.shape
     dtype = compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
@@ -146,29 +190,94 @@ def forward(
     stats_s = _new_output(stats_shape(num_rows), dtype, student.device)
     stats_t = _new_output(stats_shape(num_rows), dtype, student.device)
     sqdist = _new_output((num_rows,), dtype, student.device) if need_sqdist else None
+    segments, segment_length = plan_segments(num_rows, row_length, student.device)
+    if segments == 1:
+        _launch_forward(student, teacher, tau, need_sqdist, (kl, sqdist, stats_s, stats_t), None, 1, row_length)
+        return kl, sqdist, stats_s, stats_t
+    partials = forward_partials(student, teacher, tau, need_sqdist, segments, segment_length)
+    kernel = _kernel_for(_triton_kernels.channel_kl_combine_kernel, student.device)
+    block_rows = min(COMBINE_BLOCK_ROWS, next_power_of_2(num_rows))
+    with _device_guard(student.device):
+        kernel[(cdiv(num_rows, block_rows),)](
+            partials,
+            kl,
+            kl if sqdist is None else sqdist,  # never written when NEED_SQDIST is False
+            stats_s,
+            stats_t,
+            num_rows,
+            segments,
+            *_split_inverse(tau),
+            NEED_SQDIST=need_sqdist,
+            BLOCK_R=block_rows,
+            ACC=_acc(dtype),
+            EXACT_TAU=dtype == torch.float64,
+            num_warps=4,
+        )
+    return kl, sqdist, stats_s, stats_t
+
+
+def forward_partials(
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, segments: int, segment_length: int
+) -> Tensor:
+    """The forward of rows split into ``segments`` (``>= 2``): the partials ``combine_segments`` reads.
+
+    Shape ``(fields, segments, R)`` in the compute dtype, ``fields = PARTIAL_FIELDS`` (plus
+    ``PARTIAL_SQDIST_FIELDS`` with ``need_sqdist``).
+    """
+    student, teacher = _rows(student), _rows(teacher)
+    num_rows = student.shape[0]
+    dtype = compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
+    fields = PARTIAL_FIELDS + (PARTIAL_SQDIST_FIELDS if need_sqdist else 0)
+    partials = _new_output((fields, segments, num_rows), dtype, student.device)
+    _launch_forward(student, teacher, tau, need_sqdist, None, partials, segments, segment_length)
+    return partials
+
+
+def _launch_forward(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float,
+    need_sqdist: bool,
+    outputs: tuple[Tensor, Tensor | None, Tensor, Tensor] | None,
+    partials: Tensor | None,
+    segments: int,
+    segment_length: int,
+) -> None:
+    """Launch the forward kernel: the row results into ``outputs``, or the segments' into ``partials``."""
+    num_rows, row_length = student.shape
     rows, block_l = _tile(row_length, num_rows, FORWARD_MAX_BLOCK_L)
+    if outputs is not None:
+        kl, sqdist, stats_s, stats_t = outputs
+        dtype = kl.dtype
+    else:
+        assert partials is not None
+        kl = sqdist = stats_s = stats_t = partials  # never written with SPLIT
+        dtype = partials.dtype
     kernel = _kernel_for(_triton_kernels.channel_kl_forward_kernel, student.device)
     with _device_guard(student.device):
-        kernel[(cdiv(num_rows, rows),)](
+        kernel[(cdiv(num_rows, rows) * segments,)](
             student,
             teacher,
             kl,
             kl if sqdist is None else sqdist,  # never written when NEED_SQDIST is False
             stats_s,
             stats_t,
+            kl if partials is None else partials,  # never written without SPLIT
             num_rows,
             row_length,
             student.stride(0),
             teacher.stride(0),
+            segment_length,
+            segments,
             *_split_inverse(tau),
             NEED_SQDIST=need_sqdist,
+            SPLIT=partials is not None,
             ROWS=rows,
             BLOCK_L=block_l,
             ACC=_acc(dtype),
             EXACT_TAU=dtype == torch.float64,
             num_warps=_num_warps(rows * block_l),
         )
-    return kl, sqdist, stats_s, stats_t
 
 
 def backward(

@@ -69,6 +69,13 @@ def _expm1_neg_plus(d, ACC: tl.constexpr):
 
 
 @triton.jit
+def _log1p(x):
+    """``log(1 + x)`` without the rounding of ``1 + x`` for small ``|x|`` (the classic ``u = 1 + x`` correction)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
 def channel_kl_forward_kernel(
     student_ptr,
     teacher_ptr,
@@ -76,21 +83,40 @@ def channel_kl_forward_kernel(
     sqdist_ptr,
     stats_s_ptr,
     stats_t_ptr,
+    partials_ptr,
     num_rows,
     row_length,
     student_row_stride,
     teacher_row_stride,
+    segment_length,
+    num_segments,
     inv_tau,
     inv_tau_lo,
     NEED_SQDIST: tl.constexpr,
+    SPLIT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr,
     ACC: tl.constexpr,
     EXACT_TAU: tl.constexpr,
 ):
-    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2``, and ``(max x, log z)`` of each input."""
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2``, and ``(max x, log z)`` of each input.
+
+    With ``SPLIT``, program ``pid`` owns segment ``pid % num_segments`` (columns
+    ``[k * segment_length, (k + 1) * segment_length)``) of its rows and treats it as a row of its own: it
+    stores the segment's statistics and terms in ``partials`` (layout in ``combine_segments``) instead
+    of the row's results, which ``combine_segments`` then forms.
+    """
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    if SPLIT:
+        row_block = pid // num_segments
+        segment = pid % num_segments
+        col_start = segment * segment_length
+        col_end = tl.minimum(col_start + segment_length, row_length)
+    else:
+        row_block = pid
+        col_start = 0
+        col_end = row_length
+    rows = row_block * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
     rows64 = rows.to(tl.int64)
     s_base = student_ptr + rows64[:, None] * student_row_stride
@@ -104,9 +130,9 @@ def channel_kl_forward_kernel(
     m_t = tl.full([ROWS], float("-inf"), ACC)
     z_s = tl.full([ROWS], 0.0, ACC)
     z_t = tl.full([ROWS], 0.0, ACC)
-    for start in range(0, row_length, BLOCK_L):
+    for start in range(col_start, col_end, BLOCK_L):
         cols = start + offsets
-        mask = row_ok[:, None] & (cols < row_length)
+        mask = row_ok[:, None] & (cols < col_end)
         s = tl.load(s_base + cols, mask=mask, other=0.0).to(ACC)
         t = tl.load(t_base + cols, mask=mask, other=0.0).to(ACC)
         new_m_s = tl.maximum(m_s, tl.max(tl.where(mask, s, float("-inf")), axis=1))
@@ -138,9 +164,12 @@ def channel_kl_forward_kernel(
     # Pass 2: exact per-element terms with the final statistics.
     kl = tl.full([ROWS], 0.0, ACC)
     sqdist = tl.full([ROWS], 0.0, ACC)
-    for start in range(0, row_length, BLOCK_L):
+    mass_gap = tl.full([ROWS], 0.0, ACC)  # sum (p_S - p_T), see below
+    cross = tl.full([ROWS], 0.0, ACC)  # sum p_S (p_S - p_T)
+    square = tl.full([ROWS], 0.0, ACC)  # sum p_S^2
+    for start in range(col_start, col_end, BLOCK_L):
         cols = start + offsets
-        mask = row_ok[:, None] & (cols < row_length)
+        mask = row_ok[:, None] & (cols < col_end)
         # Masked lanes read the row's max: every term stays finite there (and is dropped from the sums).
         s = tl.load(s_base + cols, mask=mask, other=m_s[:, None]).to(ACC)
         t = tl.load(t_base + cols, mask=mask, other=m_t[:, None]).to(ACC)
@@ -163,13 +192,165 @@ def channel_kl_forward_kernel(
         diff = tl.where(small, p_t * (q - d), p_s - p_t)
         term = tl.where(small, p_t * q, p_t * d + diff)
         kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
+        diff = tl.where(mask, diff, 0.0)
+        mass_gap += tl.sum(diff, axis=1)
         if NEED_SQDIST:
-            diff = tl.where(mask, diff, 0.0)
             sqdist += tl.sum(diff * diff, axis=1)
+            p_s = tl.where(mask, p_s, 0.0)
+            cross += tl.sum(p_s * diff, axis=1)
+            square += tl.sum(p_s * p_s, axis=1)
 
+    # An error g in log_z_gap (the ~sqrt(L) eps rounding of the sums z) turns every difference into
+    # (p_S - p_T) + p_S (e^g - 1), and the KL terms sum to KL + (e^g - 1 - g): first order cancels, the
+    # second does not (it is all that is left of the KL of near-identical rows). The sum of the differences,
+    # formed to the rounding of its small terms, is h = e^g - 1 (sum p_S = 1), which corrects both: the KL
+    # by h - log1p(h) = h^2/2 - h^3/3 + ..., the squares to A - 2 h B + h^2 C (A, B, C accumulated above).
+    kl = tl.maximum(kl - mass_gap * mass_gap * (0.5 - mass_gap * (1.0 / 3.0 - mass_gap * 0.25)), 0.0)
+    if NEED_SQDIST:
+        sqdist = tl.maximum(sqdist - mass_gap * (2.0 * cross - mass_gap * square), 0.0)
+        cross = cross - mass_gap * square
+    if SPLIT:
+        # log(z_T / z_S) of the segment, corrected by g = log1p(h) as well: the combine needs it accurate.
+        log_z_gap = log_z_gap - _log1p(mass_gap)
+        # One value per (field, segment, row); rows fastest, so that the combine reads them coalesced.
+        field = num_segments.to(tl.int64) * num_rows
+        out = partials_ptr + segment.to(tl.int64) * num_rows + rows64
+        tl.store(out, m_s, mask=row_ok)
+        tl.store(out + field, z_s, mask=row_ok)
+        tl.store(out + 2 * field, m_t, mask=row_ok)
+        tl.store(out + 3 * field, z_t, mask=row_ok)
+        tl.store(out + 4 * field, log_z_gap, mask=row_ok)
+        tl.store(out + 5 * field, kl, mask=row_ok)
+        if NEED_SQDIST:
+            tl.store(out + 6 * field, sqdist, mask=row_ok)
+            tl.store(out + 7 * field, cross, mask=row_ok)
+            tl.store(out + 8 * field, square, mask=row_ok)
+    else:
+        tl.store(kl_ptr + rows, kl, mask=row_ok)
+        # The backward's statistics, (max, log z) per row: p = exp((x - max) / tau - log z) keeps fp32 accuracy
+        # at large |x| / tau, where exp(x / tau - lse) would not.
+        tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
+        tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
+        tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)
+        tl.store(stats_t_ptr + rows64 * 2 + 1, log_z_t, mask=row_ok)
+        if NEED_SQDIST:
+            tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
+
+
+@triton.jit
+def _segment_terms(at, field, row_ok, m_s, m_t, m_gap, z_s, z_t, log_z_gap, inv_tau, ACC: tl.constexpr):
+    """``(w_T,k, w_S,k, d_k)`` of the segment whose partials start at ``at``, given the row's statistics."""
+    m_s_k = tl.load(at, mask=row_ok, other=0.0).to(ACC)
+    z_s_k = tl.load(at + field, mask=row_ok, other=1.0).to(ACC)
+    m_t_k = tl.load(at + 2 * field, mask=row_ok, other=0.0).to(ACC)
+    z_t_k = tl.load(at + 3 * field, mask=row_ok, other=1.0).to(ACC)
+    log_z_gap_k = tl.load(at + 4 * field, mask=row_ok, other=0.0).to(ACC)
+    a_s = m_s_k - m_s
+    a_t = m_t_k - m_t
+    w_t = z_t_k * tl.exp(a_t * inv_tau) / z_t
+    w_s = z_s_k * tl.exp(a_s * inv_tau) / z_s
+    # The raw part of d_k in whichever order rounds less, as in the forward kernel.
+    gap_k = m_t_k - m_s_k
+    raw = tl.where(tl.abs(gap_k) + tl.abs(m_gap) < tl.abs(a_t) + tl.abs(a_s), gap_k - m_gap, a_t - a_s)
+    return w_t, w_s, raw * inv_tau + log_z_gap_k - log_z_gap
+
+
+@triton.jit
+def combine_segments(
+    partials_ptr, rows, row_ok, num_rows, num_segments, inv_tau, NEED_SQDIST: tl.constexpr, ACC: tl.constexpr
+):
+    """Row results ``(kl, sqdist, max_s, log z_s, max_t, log z_t)`` from the partials of a ``SPLIT`` forward.
+
+    ``rows`` (any shape) are row indices, ``inv_tau`` is ``1 / tau`` in ``ACC``. Field ``f`` of segment
+    ``k`` of row ``r`` is at ``(f * num_segments + k) * num_rows + r``; the fields of each input's segment
+    are its max and ``z_k = sum exp((x - max_k) / tau)``, then ``log(z_T,k / z_S,k)`` (formed accurately
+    by the forward kernel), the segment KL ``KL_k`` between the segment's own softmaxes ``p'``, and
+    (``NEED_SQDIST``) ``A_k = sum (p'_S - p'_T)^2``, ``B_k = sum p'_S (p'_S - p'_T)``, ``C_k = sum p'_S^2``.
+
+    On segment ``k`` the row's softmax is ``p = w_k p'``, with the segment's mass
+    ``w_k = z_k exp((max_k - max) / tau) / z``. The chain rule of the KL gives
+    ``KL = sum_k w_T,k KL_k + KL(w_T || w_S)``, and with ``dw_k = w_S,k - w_T,k``,
+    ``sqdist = sum_k w_T,k^2 A_k + 2 w_T,k dw_k B_k + dw_k^2 C_k``. As in the forward kernel, with
+    ``d_k = log w_T,k - log w_S,k`` (from differences of maxima and logs of ratios), small ``|d_k|`` use
+    ``KL(w_T || w_S) = sum_k w_T,k (d_k + expm1(-d_k))`` and ``dw_k = w_T,k expm1(-d_k)`` by series, so
+    nothing cancels; larger ones ``w_T,k d_k + dw_k`` with ``dw_k`` from the masses, so that no
+    ``exp(-d_k)`` overflows where a segment holds almost none of the teacher's mass.
+    """
+    field = num_segments.to(tl.int64) * num_rows
+    base = partials_ptr + rows.to(tl.int64)
+    threshold = 0.5 if ACC == tl.float64 else 0.125  # noqa: SIM300 (ACC is not a constant)
+    m_s = tl.full(rows.shape, float("-inf"), ACC)
+    m_t = tl.full(rows.shape, float("-inf"), ACC)
+    for k in range(0, num_segments):
+        at = base + k * num_rows
+        m_s = tl.maximum(m_s, tl.load(at, mask=row_ok, other=0.0).to(ACC))
+        m_t = tl.maximum(m_t, tl.load(at + 2 * field, mask=row_ok, other=0.0).to(ACC))
+    z_s = tl.full(rows.shape, 0.0, ACC)
+    z_t = tl.full(rows.shape, 0.0, ACC)
+    for k in range(0, num_segments):
+        at = base + k * num_rows
+        m_s_k = tl.load(at, mask=row_ok, other=0.0).to(ACC)
+        m_t_k = tl.load(at + 2 * field, mask=row_ok, other=0.0).to(ACC)
+        z_s += tl.load(at + field, mask=row_ok, other=1.0).to(ACC) * tl.exp((m_s_k - m_s) * inv_tau)
+        z_t += tl.load(at + 3 * field, mask=row_ok, other=1.0).to(ACC) * tl.exp((m_t_k - m_t) * inv_tau)
+    m_gap = m_t - m_s
+    # log(z_T / z_S): where every segment is close (all |d'_k| small, d'_k = d_k without this term), from
+    # z_S / z_T = sum_k w_T,k exp(-d'_k) by series, whose terms are accurate, rather than from the sums z,
+    # whose rounding differs from segment to segment; otherwise (rows far apart) from the sums.
+    mass_gap = tl.full(rows.shape, 0.0, ACC)
+    all_small = row_ok
+    for k in range(0, num_segments):
+        w_t, _, d = _segment_terms(base + k * num_rows, field, row_ok, m_s, m_t, m_gap, z_s, z_t, 0.0, inv_tau, ACC)
+        small = tl.abs(d) < threshold
+        d = tl.where(small, d, 0.0)
+        mass_gap += w_t * (_expm1_neg_plus(d, ACC) - d)
+        all_small = all_small & small
+    log_z_gap = tl.where(all_small, -_log1p(mass_gap), tl.log(z_t / z_s))
+    kl = tl.full(rows.shape, 0.0, ACC)
+    sqdist = tl.full(rows.shape, 0.0, ACC)
+    for k in range(0, num_segments):
+        at = base + k * num_rows
+        w_t, w_s, d = _segment_terms(at, field, row_ok, m_s, m_t, m_gap, z_s, z_t, log_z_gap, inv_tau, ACC)
+        small = tl.abs(d) < threshold
+        d_small = tl.where(small, d, 0.0)
+        q = _expm1_neg_plus(d_small, ACC)  # d + expm1(-d) where small
+        dw = tl.where(small, w_t * (q - d_small), w_s - w_t)
+        kl += w_t * tl.load(at + 5 * field, mask=row_ok, other=0.0).to(ACC) + tl.where(small, w_t * q, w_t * d + dw)
+        if NEED_SQDIST:
+            a = tl.load(at + 6 * field, mask=row_ok, other=0.0).to(ACC)
+            b = tl.load(at + 7 * field, mask=row_ok, other=0.0).to(ACC)
+            c = tl.load(at + 8 * field, mask=row_ok, other=0.0).to(ACC)
+            sqdist += w_t * w_t * a + 2.0 * w_t * dw * b + dw * dw * c
+    return tl.maximum(kl, 0.0), tl.maximum(sqdist, 0.0), m_s, tl.log(z_s), m_t, tl.log(z_t)
+
+
+@triton.jit
+def channel_kl_combine_kernel(
+    partials_ptr,
+    kl_ptr,
+    sqdist_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
+    num_rows,
+    num_segments,
+    inv_tau,
+    inv_tau_lo,
+    NEED_SQDIST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ACC: tl.constexpr,
+    EXACT_TAU: tl.constexpr,
+):
+    """The row results of a ``SPLIT`` forward (``combine_segments``) for ``BLOCK_R`` rows."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    inv = tl.zeros([], ACC) + inv_tau
+    if EXACT_TAU:
+        inv = inv + inv_tau_lo
+    kl, sqdist, m_s, log_z_s, m_t, log_z_t = combine_segments(
+        partials_ptr, rows, row_ok, num_rows, num_segments, inv, NEED_SQDIST, ACC
+    )
+    rows64 = rows.to(tl.int64)
     tl.store(kl_ptr + rows, kl, mask=row_ok)
-    # The backward's statistics, (max, log z) per row: p = exp((x - max) / tau - log z) keeps fp32 accuracy
-    # at large |x| / tau, where exp(x / tau - lse) would not.
     tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
     tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
     tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)

@@ -25,9 +25,10 @@ import triton.language as tl
 from torch import Tensor
 
 from segkd.ops import _triton_backend, _weighting
-from segkd.ops._triton_backend import _device_guard, _to_fp32, next_power_of_2
+from segkd.ops._triton_backend import _device_guard, _split_inverse, _to_fp32, next_power_of_2
+from segkd.ops._triton_kernels import combine_segments
 
-__all__ = ["finalize"]
+__all__ = ["finalize", "weighted_forward"]
 
 MODE_CODES = {"uniform": 0, "hwd": 1, "given": 2}
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
@@ -49,8 +50,13 @@ def weighted_finalize_kernel(
     aux_ptr,
     loss_ptr,
     coef_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
     num_images,
     channels,
+    num_segments,
+    inv_tau,
+    inv_tau_lo,
     mu,
     mu_lo,
     log_beta,
@@ -60,10 +66,15 @@ def weighted_finalize_kernel(
     MODE: tl.constexpr,
     REDUCTION: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
+    SPLIT: tl.constexpr,
     IMAGES: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Loss and ``coef`` of ``reduce(scale * w * kl)``; one program for the whole batch, arithmetic in fp64."""
+    """Loss and ``coef`` of ``reduce(scale * w * kl)``; one program for the whole batch, arithmetic in fp64.
+
+    With ``SPLIT``, ``kl_ptr`` holds the partials of a split forward (``combine_segments``), which are
+    combined here (and the backward's ``(max, log z)`` statistics written), instead of per-row values.
+    """
     cols = tl.arange(0, BLOCK_C)[None, :]
     col_ok = cols < channels
     num_rows = num_images * channels
@@ -72,6 +83,7 @@ def weighted_finalize_kernel(
     mu_acc = (zero + mu) + mu_lo
     log_beta_acc = (zero + log_beta) + log_beta_lo
     scale_acc = (zero + scale) + scale_lo
+    inv_tau_acc = (zero + inv_tau) + inv_tau_lo
     channels_acc = zero + channels
     if not BETA_IS_ONE:
         curve_denominator = _expm1(log_beta_acc)
@@ -86,14 +98,30 @@ def weighted_finalize_kernel(
         images = start + tl.arange(0, IMAGES)[:, None]
         mask = (images < num_images) & col_ok
         offsets = images.to(tl.int64) * channels + cols
-        kl = tl.load(kl_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+        if SPLIT:
+            kl, sqdist, m_s, log_z_s, m_t, log_z_t = combine_segments(
+                kl_ptr, offsets, mask, num_rows, num_segments, inv_tau_acc, MODE == 1, tl.float64
+            )
+            stats_dtype = stats_s_ptr.dtype.element_ty
+            tl.store(stats_s_ptr + offsets * 2, m_s.to(stats_dtype), mask=mask)
+            tl.store(stats_s_ptr + offsets * 2 + 1, log_z_s.to(stats_dtype), mask=mask)
+            tl.store(stats_t_ptr + offsets * 2, m_t.to(stats_dtype), mask=mask)
+            tl.store(stats_t_ptr + offsets * 2 + 1, log_z_t.to(stats_dtype), mask=mask)
+            # The rounding of the per-row path, whose KL and distance are stored in the stats dtype.
+            kl = kl.to(stats_dtype).to(tl.float64)
+        else:
+            kl = tl.load(kl_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
         if MODE == 0:
             coef = tl.where(mask, scale_acc, 0.0)
         elif MODE == 2:
             coef = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64) * scale_acc
         else:
-            d = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
-            first = tl.load(aux_ptr + images.to(tl.int64) * channels, mask=images < num_images, other=0.0)
+            if SPLIT:
+                d = sqdist.to(stats_dtype).to(tl.float64)
+                first = tl.sum(tl.where(cols == 0, d, 0.0), axis=1)[:, None]
+            else:
+                d = tl.load(aux_ptr + offsets, mask=mask, other=0.0).to(tl.float64)
+                first = tl.load(aux_ptr + images.to(tl.int64) * channels, mask=images < num_images, other=0.0)
             centred = tl.where(mask, d - first.to(tl.float64), 0.0)
             centred = tl.where(mask, centred - tl.sum(centred, axis=1)[:, None] / channels_acc, 0.0)
             # Unbiased variance; C == 1 has none (std 0: degenerate). Float scalars only: Triton may pass
@@ -154,31 +182,88 @@ def finalize(
     """Same contract as ``_weighting.finalize``: ``(loss, coef)`` in ``kl``'s dtype."""
     if channels > MAX_BLOCK_C:
         return _weighting.finalize(kl, aux, channels, mode, mu, beta, scale, reduction)
-    num_rows = kl.shape[0]
+    loss, coef = _launch(kl, aux, None, kl.shape[0], channels, 1, 1.0, mode, mu, beta, scale, reduction)
+    return loss, coef
+
+
+def weighted_forward(
+    student: Tensor,
+    teacher: Tensor,
+    weights: Tensor | None,
+    tau: float,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, coef, stats_s, stats_t)`` of the weighted loss on ``(R, L)`` rows: two launches.
+
+    The row kernel, then the finalize. When the rows are split (``_triton_backend.plan_segments``) the
+    finalize also combines the segments, so the launch count does not grow.
+    """
+    num_rows, row_length = student.shape
+    need_sqdist = mode == "hwd"
+    segments, segment_length = _triton_backend.plan_segments(num_rows, row_length, student.device)
+    if segments == 1 or channels > MAX_BLOCK_C:
+        kl, sqdist, stats_s, stats_t = _triton_backend.forward(student, teacher, tau, need_sqdist)
+        loss, coef = finalize(kl, sqdist if need_sqdist else weights, channels, mode, mu, beta, tau * tau, reduction)
+        return loss, coef, stats_s, stats_t
+    partials = _triton_backend.forward_partials(student, teacher, tau, need_sqdist, segments, segment_length)
+    stats_s = _triton_backend._new_output(_triton_backend.stats_shape(num_rows), partials.dtype, student.device)
+    stats_t = _triton_backend._new_output(_triton_backend.stats_shape(num_rows), partials.dtype, student.device)
+    loss, coef = _launch(
+        partials, weights, (stats_s, stats_t), num_rows, channels, segments, tau, mode, mu, beta, tau * tau, reduction
+    )
+    return loss, coef, stats_s, stats_t
+
+
+def _launch(
+    values: Tensor,
+    aux: Tensor | None,
+    stats: tuple[Tensor, Tensor] | None,
+    num_rows: int,
+    channels: int,
+    segments: int,
+    tau: float,
+    mode: str,
+    mu: float,
+    beta: float,
+    scale: float,
+    reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """One launch of the finalize kernel on per-row ``values`` (``kl``), or on partials with ``stats``."""
     num_images = num_rows // channels
+    dtype = values.dtype
     loss_shape: tuple[int, ...] = (num_images, channels) if reduction == "none" else ()
     # Through the module, so that a test's patch of the allocator (or of _kernel_for) reaches here too.
-    loss = _triton_backend._new_output(loss_shape, kl.dtype, kl.device)
-    coef = _triton_backend._new_output(tuple(kl.shape), kl.dtype, kl.device)
+    loss = _triton_backend._new_output(loss_shape, dtype, values.device)
+    coef = _triton_backend._new_output((num_rows,), dtype, values.device)
     if aux is not None:
         aux = aux.contiguous()
+    stats_s, stats_t = (coef, coef) if stats is None else stats  # never written without SPLIT
     images, block_c = _tile(num_images, channels)
     beta_is_one = beta == 1.0
-    kernel: Any = _triton_backend._kernel_for(weighted_finalize_kernel, kl.device)
-    with _device_guard(kl.device):
+    kernel: Any = _triton_backend._kernel_for(weighted_finalize_kernel, values.device)
+    with _device_guard(values.device):
         kernel[(1,)](
-            kl,
-            kl if aux is None else aux,  # never read when mode is "uniform"
+            values,
+            values if aux is None else aux,  # never read when mode is "uniform" (or "hwd" with SPLIT)
             loss,
             coef,
+            stats_s,
+            stats_t,
             num_images,
             channels,
+            segments,
+            *_split_inverse(tau),
             *_split(mu),
             *_split(0.0 if beta_is_one else math.log(beta)),
             *_split(scale),
             MODE=MODE_CODES[mode],
             REDUCTION=REDUCTION_CODES[reduction],
             BETA_IS_ONE=beta_is_one,
+            SPLIT=stats is not None,
             IMAGES=images,
             BLOCK_C=block_c,
             num_warps=4,

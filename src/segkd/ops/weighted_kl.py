@@ -40,14 +40,11 @@ __all__ = ["WEIGHTINGS", "WeightedChannelKLFunction", "weighted_channel_kl"]
 Weighting = Literal["uniform", "hwd"]
 WEIGHTINGS = ("uniform", "hwd")
 Reduction = Literal["mean", "sum", "none"]
-_TRITON_FINALIZE = "segkd.ops._triton_weighting"
+_TRITON_WEIGHTING = "segkd.ops._triton_weighting"
 
 
-def _finalize(backend: str) -> Any:
-    if backend == "triton":
-        module = sys.modules.get(_TRITON_FINALIZE) or importlib.import_module(_TRITON_FINALIZE)
-        return module.finalize
-    return _weighting.finalize
+def _triton_weighting() -> Any:
+    return sys.modules.get(_TRITON_WEIGHTING) or importlib.import_module(_TRITON_WEIGHTING)
 
 
 def _backward(
@@ -121,9 +118,11 @@ def _forward_impl(
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_weighting().weighted_forward(student, teacher, weights, tau, channels, mode, mu, beta, reduction)
     kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
     aux = sqdist if mode == "hwd" else weights
-    loss, coef = _finalize(backend)(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
+    loss, coef = _weighting.finalize(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
     return loss, coef, stats_s, stats_t
 
 
