@@ -3,7 +3,8 @@
 For each case, ``(6, 40)`` rows of student and teacher logits in the given dtype (the reference
 sees the rounded inputs, so only the backends' own arithmetic is measured), the largest relative
 error over the rows of ``kl`` and ``sqdist`` from ``segkd.ops._triton_backend.forward`` (on CPU
-under the Triton interpreter) and ``segkd.ops._torch_backend.forward``. The reference computes
+under the Triton interpreter; once as it runs, once with the rows split into segments of 8 columns)
+and ``segkd.ops._torch_backend.forward``. The reference computes
 ``log p = x / tau - logsumexp(x / tau)`` per row in ``mpmath`` at 40 digits (``mpmath`` comes with
 PyTorch's ``sympy`` dependency). Cases: fp64 near-identical rows (``teacher = 2 randn``,
 ``student = teacher + eps randn``) and independent rows; fp32/bf16/fp16 rows with a large common
@@ -18,8 +19,10 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: CPU tensors run interpreted
 
@@ -53,11 +56,27 @@ def relative_error(value: torch.Tensor, ref: np.ndarray) -> float:
     return float(np.max(np.abs(value.double().numpy() - ref) / np.maximum(np.abs(ref), 1e-300)))
 
 
+@contextlib.contextmanager
+def split_rows() -> Iterator[None]:
+    """The Triton forward with its rows split into segments of 8 columns (combined by the KL chain rule)."""
+    saved = _triton_backend._target_programs, _triton_backend.MIN_SEGMENT_ELEMENTS, _triton_backend.FORWARD_MAX_BLOCK_L
+    _triton_backend._target_programs = lambda device: 1 << 30  # type: ignore[assignment]
+    _triton_backend.MIN_SEGMENT_ELEMENTS = _triton_backend.FORWARD_MAX_BLOCK_L = 8
+    try:
+        yield
+    finally:
+        _triton_backend._target_programs, _triton_backend.MIN_SEGMENT_ELEMENTS, _triton_backend.FORWARD_MAX_BLOCK_L = (
+            saved
+        )
+
+
 def row(name: str, student: torch.Tensor, teacher: torch.Tensor, tau: float) -> str:
     ref_kl, ref_sqdist = reference(student, teacher, tau)
     cells = [name]
-    for backend in (_triton_backend, _torch_backend):
-        kl, sqdist = backend.forward(student, teacher, tau, True)[:2]  # (kl, sqdist, row statistics...)
+    runs = ((_triton_backend, contextlib.nullcontext()), (_triton_backend, split_rows()), (_torch_backend, None))
+    for backend, context in runs:
+        with context or contextlib.nullcontext():
+            kl, sqdist = backend.forward(student, teacher, tau, True)[:2]  # (kl, sqdist, row statistics...)
         assert sqdist is not None
         cells += [f"{relative_error(kl, ref_kl):.1e}", f"{relative_error(sqdist, ref_sqdist):.1e}"]
     return "| " + " | ".join(cells) + " |"
@@ -67,10 +86,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     gen = torch.Generator().manual_seed(0)
     base, noise, other = (torch.randn(6, 40, generator=gen, dtype=torch.float64) for _ in range(3))
-    print("| case | triton kl | triton sqdist | torch kl | torch sqdist |")
-    print("|---|---|---|---|---|")
+    print("| case | triton kl | triton sqdist | split kl | split sqdist | torch kl | torch sqdist |")
+    print("|---|---|---|---|---|---|---|")
     for eps in (1e-1, 1e-2, 1e-4):
         print(row(f"fp64, near-identical eps={eps:g}, tau=1", 2 * base + eps * noise, 2 * base, 1.0))
+    for eps in (1e-2, 1e-4):
+        student, teacher = (2 * base + eps * noise).float(), (2 * base).float()
+        print(row(f"fp32, near-identical eps={eps:g}, tau=1", student, teacher, 1.0))
     for tau in (0.3, 1.7):
         print(row(f"fp64, independent 3 randn, tau={tau}", 3 * base, 3 * other, tau))
     for dtype, offset, spread, tau in (

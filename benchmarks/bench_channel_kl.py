@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--shapes", default=None, choices=sorted(SHAPES), help="default: all on CUDA, small on CPU")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--losses", default="cwd,hwd")
-    parser.add_argument("--impls", default="eager,compile,segkd-torch,segkd-triton")
+    parser.add_argument("--impls", default="eager,compile,segkd-torch,segkd-triton,segkd-triton-whole")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default: 50 CUDA, 5 CPU)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--memory-child", nargs=4, metavar=("LOSS", "IMPL", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
@@ -114,16 +114,41 @@ def implementations(loss: str, device: str, names: list[str]) -> dict[str, Calla
             impls[name] = eager
         elif name == "compile":
             impls[name] = torch.compile(eager, dynamic=False)
-        elif name in ("segkd-torch", "segkd-triton"):
+        elif name in ("segkd-torch", "segkd-triton", "segkd-triton-whole"):
             backend = name.split("-")[1]
             if backend == "triton" and (device != "cuda" or "triton" not in available_backends()):
                 continue
-            impls[name] = (
-                CWDLoss(TAU, backend=backend) if loss == "cwd" else HWDLoss(TAU, MU, BETA, backend=backend)  # type: ignore[arg-type]
-            )
+            module = CWDLoss(TAU, backend=backend) if loss == "cwd" else HWDLoss(TAU, MU, BETA, backend=backend)  # type: ignore[arg-type]
+            impls[name] = without_row_split(module) if name == "segkd-triton-whole" else module
+
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     return impls
+
+
+def without_row_split(fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``fn`` with the Triton forward's row split switched off (one program per row block, any row count)."""
+    from segkd.ops import _triton_backend
+
+    def call(student: Any, teacher: Any) -> Any:
+        saved = _triton_backend.SPLIT_ROWS
+        _triton_backend.SPLIT_ROWS = False
+        try:
+            return fn(student, teacher)
+        finally:
+            _triton_backend.SPLIT_ROWS = saved
+
+    return call
+
+
+def splits_rows(shape: tuple[int, ...], device: str) -> bool:
+    """Whether the Triton forward splits the rows of ``shape`` on ``device`` (else -whole is the same run)."""
+    import torch
+
+    from segkd.ops import _triton_backend
+
+    rows, length = shape[0] * shape[1], shape[2] * shape[3]
+    return _triton_backend.plan_segments(rows, length, torch.device(device))[0] > 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +433,8 @@ def main() -> None:
                     reference = float(impls["segkd-torch"](student, teacher)) if "segkd-torch" in impls else None
                 cpu_times = time_cpu(impls, student, teacher, repeats) if device == "cpu" else {}
                 for impl_name, fn in impls.items():
+                    if impl_name == "segkd-triton-whole" and not splits_rows(shape, device):
+                        continue
                     if device == "cuda":
                         figures = measure_cuda(fn, student, teacher, repeats)
                         tensor_bytes = student.numel() * student.element_size()

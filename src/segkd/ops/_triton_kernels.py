@@ -23,6 +23,12 @@ read the same chunks):
    near-identical inputs lose no digits to cancellation: the KL terms are non-negative and
    ``(p_S - p_T)^2`` is formed from an accurate difference, not from ``sum p_S^2 - 2 sum p_S p_T + sum p_T^2``.
 
+The second pass also sums ``h = sum (p_S - p_T)``, ``B = sum p_S (p_S - p_T)`` and ``C = sum p_S^2``: ``h`` is
+``e^g - 1`` for the rounding error ``g`` of ``log(z_T / z_S)``, which corrects the KL (by ``h - log1p(h)``) and the
+squared distance (to ``A - 2 h B + h^2 C``). With ``SPLIT`` a program owns one segment of its rows and stores
+the segment's statistics and terms; ``combine_segments`` (in ``channel_kl_combine_kernel``, or in the fused
+loss's finalize kernel) forms the rows' results by the chain rule of the KL.
+
 Backward, one pass: ``grad[r, i] = grad_kl[r] / tau * (p_S - p_T)`` in ``ACC``, rounded once on store,
 with ``p = exp((x - m) / tau - log z)`` from the stored statistics; ``grad_kl`` may be one scalar
 (stride 0) and be multiplied by per-row coefficients (a weighted loss's ``d loss / d kl``).
