@@ -67,13 +67,15 @@ def weighted_finalize_kernel(
     REDUCTION: tl.constexpr,
     BETA_IS_ONE: tl.constexpr,
     SPLIT: tl.constexpr,
+    SPLIT_SQDIST: tl.constexpr,
     IMAGES: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Loss and ``coef`` of ``reduce(scale * w * kl)``; one program for the whole batch, arithmetic in fp64.
 
-    With ``SPLIT``, ``kl_ptr`` holds the partials of a split forward (``combine_segments``), which are
-    combined here (and the backward's ``(max, log z)`` statistics written), instead of per-row values.
+    With ``SPLIT``, ``kl_ptr`` holds the partials of a split forward (``combine_segments``; with the
+    squared distance's fields when ``SPLIT_SQDIST``), which are combined here (and the backward's
+    ``(max, log z)`` statistics written), instead of per-row values.
     """
     cols = tl.arange(0, BLOCK_C)[None, :]
     col_ok = cols < channels
@@ -100,7 +102,7 @@ def weighted_finalize_kernel(
         offsets = images.to(tl.int64) * channels + cols
         if SPLIT:
             kl, sqdist, m_s, log_z_s, m_t, log_z_t = combine_segments(
-                kl_ptr, offsets, mask, num_rows, num_segments, inv_tau_acc, MODE == 1, tl.float64
+                kl_ptr, offsets, mask, num_rows, num_segments, inv_tau_acc, SPLIT_SQDIST, tl.float64
             )
             stats_dtype = stats_s_ptr.dtype.element_ty
             tl.store(stats_s_ptr + offsets * 2, m_s.to(stats_dtype), mask=mask)
@@ -264,6 +266,7 @@ def _launch(
             REDUCTION=REDUCTION_CODES[reduction],
             BETA_IS_ONE=beta_is_one,
             SPLIT=stats is not None,
+            SPLIT_SQDIST=stats is not None and mode == "hwd",  # the partials hold A, B, C
             IMAGES=images,
             BLOCK_C=block_c,
             num_warps=4,
