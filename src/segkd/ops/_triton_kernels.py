@@ -232,15 +232,52 @@ def channel_kl_forward_kernel(
             tl.store(out + 7 * field, cross, mask=row_ok)
             tl.store(out + 8 * field, square, mask=row_ok)
     else:
-        tl.store(kl_ptr + rows, kl, mask=row_ok)
-        # The backward's statistics, (max, log z) per row: p = exp((x - max) / tau - log z) keeps fp32 accuracy
-        # at large |x| / tau, where exp(x / tau - lse) would not.
-        tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
-        tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
-        tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)
-        tl.store(stats_t_ptr + rows64 * 2 + 1, log_z_t, mask=row_ok)
-        if NEED_SQDIST:
-            tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
+        _store_rows(
+            kl_ptr,
+            sqdist_ptr,
+            stats_s_ptr,
+            stats_t_ptr,
+            rows,
+            row_ok,
+            kl,
+            sqdist,
+            m_s,
+            log_z_s,
+            m_t,
+            log_z_t,
+            NEED_SQDIST,
+        )
+
+
+@triton.jit
+def _store_rows(
+    kl_ptr,
+    sqdist_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
+    rows,
+    row_ok,
+    kl,
+    sqdist,
+    m_s,
+    log_z_s,
+    m_t,
+    log_z_t,
+    NEED_SQDIST: tl.constexpr,
+):
+    """Store the row results: ``kl``, ``sqdist`` (``NEED_SQDIST``) and the ``(R, 2)`` statistics ``(max, log z)``.
+
+    The backward forms ``p = exp((x - max) / tau - log z)`` from the statistics, which keeps fp32 accuracy at
+    large ``|x| / tau``, where ``exp(x / tau - lse)`` would not.
+    """
+    rows64 = rows.to(tl.int64)
+    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
+    tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
+    tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)
+    tl.store(stats_t_ptr + rows64 * 2 + 1, log_z_t, mask=row_ok)
+    if NEED_SQDIST:
+        tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
 
 
 @triton.jit
@@ -355,14 +392,9 @@ def channel_kl_combine_kernel(
     kl, sqdist, m_s, log_z_s, m_t, log_z_t = combine_segments(
         partials_ptr, rows, row_ok, num_rows, num_segments, inv, NEED_SQDIST, ACC
     )
-    rows64 = rows.to(tl.int64)
-    tl.store(kl_ptr + rows, kl, mask=row_ok)
-    tl.store(stats_s_ptr + rows64 * 2, m_s, mask=row_ok)
-    tl.store(stats_s_ptr + rows64 * 2 + 1, log_z_s, mask=row_ok)
-    tl.store(stats_t_ptr + rows64 * 2, m_t, mask=row_ok)
-    tl.store(stats_t_ptr + rows64 * 2 + 1, log_z_t, mask=row_ok)
-    if NEED_SQDIST:
-        tl.store(sqdist_ptr + rows, sqdist, mask=row_ok)
+    _store_rows(
+        kl_ptr, sqdist_ptr, stats_s_ptr, stats_t_ptr, rows, row_ok, kl, sqdist, m_s, log_z_s, m_t, log_z_t, NEED_SQDIST
+    )
 
 
 @triton.jit
