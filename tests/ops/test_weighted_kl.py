@@ -262,6 +262,33 @@ def test_triton_finalize_matches_torch(case: str, mode: str, mu: float, beta: fl
             assert torch.equal(actual[1], torch.full_like(actual[1], expected[1][0].item())), "weights not uniform"
 
 
+@needs_triton
+@pytest.mark.triton
+@pytest.mark.usefixtures("poisoned_triton_outputs")
+@pytest.mark.parametrize("weighting", ["uniform", "hwd", "given"])
+def test_split_finalize_walks_images_in_steps(
+    weighting: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    # The finalize combines the segments of two images per loop step here (7 images: a masked last step),
+    # and must write every row's statistics for the backward (outputs start as NaN).
+    monkeypatch.setattr(importlib.import_module("segkd.ops._triton_weighting"), "TARGET_BLOCK_ELEMENTS", 8)
+    backend = _backend("triton-split", request, 21, 20)
+    student, teacher = _inputs((7, 3, 4, 5), torch.float64, seed=12)
+    weights: Any = weighting
+    if weighting == "given":
+        weights = torch.rand(7, 3, generator=torch.Generator().manual_seed(13), dtype=torch.float64).to(DEVICE)
+    for reduction in ("mean", "none"):
+        losses, grads = [], []
+        for name in (backend, "torch"):
+            leaf = student.detach().clone().requires_grad_(True)
+            loss = weighted_channel_kl(leaf, teacher, 1.5, weights, mu=0.3, beta=0.2, reduction=reduction, backend=name)
+            loss.sum().backward()
+            losses.append(loss.detach())
+            grads.append(leaf.grad)
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-13)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launch count: what a CWD or HWD forward + backward costs in kernels on the Triton backend.
 # ------------------------------------------------------------------------------------------------

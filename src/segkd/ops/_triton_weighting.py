@@ -32,7 +32,10 @@ __all__ = ["finalize", "weighted_forward"]
 
 MODE_CODES = {"uniform": 0, "hwd": 1, "given": 2}
 REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
-TARGET_BLOCK_ELEMENTS = 4096
+# Rows per loop step (whole images): with 8 warps (more for wider images) no variant spills registers up to
+# 1024 channels per image (ptxas -v for sm_90, benchmarks/triton_registers.py); 4096 at 4 warps spilled up to
+# 14 KB per thread with the split combine. One program runs, so more warps cost no occupancy.
+TARGET_BLOCK_ELEMENTS = 1024
 MAX_BLOCK_C = 8192  # more channels per image than this: the PyTorch finalize (never seen in segmentation)
 
 
@@ -171,6 +174,11 @@ def _tile(num_images: int, channels: int) -> tuple[int, int]:
     return images, block_c
 
 
+def _num_warps(block_elements: int) -> int:
+    """8 warps up to 1024 elements per step, then one warp per 128 elements, at most 32."""
+    return min(32, max(8, block_elements // 128))
+
+
 def finalize(
     kl: Tensor,
     aux: Tensor | None,
@@ -269,6 +277,6 @@ def _launch(
             SPLIT_SQDIST=stats is not None and mode == "hwd",  # the partials hold A, B, C
             IMAGES=images,
             BLOCK_C=block_c,
-            num_warps=4,
+            num_warps=_num_warps(images * block_c),
         )
     return loss, coef
