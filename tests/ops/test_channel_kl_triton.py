@@ -242,8 +242,11 @@ def test_many_rows() -> None:
     _check_against_reference(student, teacher, tau=1.0)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["whole-rows", "split-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_non_contiguous_inputs(dtype: torch.dtype) -> None:
+def test_non_contiguous_inputs(dtype: torch.dtype, split: bool, request: pytest.FixtureRequest) -> None:
+    if split:  # rows of 35 in segments of 16, 16 and 3, read at each layout's row stride
+        request.getfixturevalue("split_rows")
     base_s, base_t = _pair((2, 6, 5, 7), dtype, seed=7)
     for student, teacher in [
         (base_s.transpose(2, 3), base_t.transpose(2, 3)),  # rows not contiguous
