@@ -21,10 +21,13 @@ large maps. Each failure found here was fixed in the loss and pinned in ``test_r
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -72,6 +75,8 @@ RELATIONS = ("equal", "near", "close", "independent")
 
 # Small on purpose: N 1-3, C 1-6, H, W 1-7 (boundaries drawn often by segkd.testing.strategies).
 logit_shapes = sks.segmentation_shapes(max_batch=3, max_channels=6, max_side=7)
+# Images of 16 to 81 pixels: rows the split test cuts into 2 to 6 segments.
+split_shapes = sks.segmentation_shapes(max_batch=2, max_channels=5, min_side=4, max_side=9)
 
 
 def _cast(values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -301,6 +306,72 @@ def test_channel_kl_triton_agrees_with_torch(data: tuple[Tensor, Tensor, str], t
         results["torch"][2].double(),
         rtol=grad_rtol[dtype],
         atol=grad_atol[dtype] * 2.0 * lse_scale / tau,
+    )
+
+
+@contextlib.contextmanager
+def _split_rows() -> Iterator[bool]:
+    """The Triton forward with rows of 16+ split into segments of 8 or 16 (a ``with`` block, since hypothesis
+    runs many examples in one test function and function-scoped fixtures would not be reset between them)."""
+    backend = importlib.import_module("segkd.ops._triton_backend")
+    patches = {"_target_programs": lambda device: 1 << 30, "MIN_SEGMENT_ELEMENTS": 8, "FORWARD_MAX_BLOCK_L": 8}
+    with mock.patch.multiple(backend, **patches):  # type: ignore[arg-type]
+        yield True
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not TRITON, reason="Triton is not installed or disabled (SEGKD_DISABLE_TRITON)")
+@given(
+    data=pairs(split_shapes, non_negative=st.just(False)),
+    tau=taus,
+    seed=seeds,
+    weighting=st.sampled_from(["uniform", "hwd"]),
+    reduction=st.sampled_from(["mean", "none"]),
+)
+def test_triton_split_rows_agree_with_whole_rows(
+    data: tuple[Tensor, Tensor, str], tau: float, seed: int, weighting: str, reduction: str
+) -> None:
+    """Rows split into segments and combined by the chain rule of the KL (``channel_kl``'s combine kernel, the
+    fused loss's finalize) give the whole-row kernel's KL, squared distance, loss and gradient."""
+    raw_student, raw_teacher, relation = data
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw_student, raw_teacher = raw_student.to(device), raw_teacher.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    case = _describe(raw_student, relation, tau=tau, weighting=weighting, reduction=reduction)
+    results = []
+    for context in (contextlib.nullcontext(False), _split_rows()):
+        with context:
+            kl, sqdist = channel_kl(*_leaves(raw_student, raw_teacher), tau, return_sqdist=True, backend="triton")
+            student, teacher = _leaves(raw_student, raw_teacher)
+            loss = weighted_channel_kl(student, teacher, tau, weighting, reduction=reduction, backend="triton")  # type: ignore[arg-type]
+            grad_out = (torch.rand(loss.shape, generator=generator, dtype=torch.float64) + 0.5).to(device)
+            (loss * grad_out.to(loss.dtype)).sum().backward()
+        assert student.grad is not None
+        for name, value in (("kl", kl), ("sqdist", sqdist), ("loss", loss), ("gradient", student.grad)):
+            _check_finite(value.detach(), f"split {name}" if results else name, case)
+        results.append((kl.detach(), sqdist.detach(), loss.detach(), student.grad))
+        generator = torch.Generator().manual_seed(seed)  # the same grad_out for both
+    (kl, sqdist, loss, grad), (split_kl, split_sqdist, split_loss, split_grad) = results
+    exact = raw_student.dtype == torch.float64
+    # Both are accurate to a few roundings of their inputs, except where near-identical fp32 rows leave
+    # ~1e-5 of the KL to the rounding of the exponents (docs/kernel.md); the atol covers KLs near zero.
+    tolerance = {"rtol": 1e-10, "atol": 1e-15} if exact else {"rtol": 2e-4, "atol": 1e-9}
+    torch.testing.assert_close(split_kl, kl, **tolerance)
+    torch.testing.assert_close(split_sqdist, sqdist, **tolerance)
+    torch.testing.assert_close(split_loss, loss, **tolerance)
+    # The backward is the same kernel; its statistics (max, log z) come from the combine, equal up to rounding,
+    # which moves every p by a few eps of itself: the gradient coef / tau * (p_S - p_T) of near-identical rows
+    # moves by that much of coef / tau, not of its own (smaller) size. coef <= tau^2 * max w * max grad_out / rows.
+    rows = 1 if reduction == "none" else raw_student.shape[0] * raw_student.shape[1]
+    max_weight = raw_student.shape[1] if weighting == "hwd" else 1
+    coef_over_tau = tau * max_weight * 1.5 / rows
+    compute_eps = 2.3e-16 if exact else 1.2e-7
+    grad_rtol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+    torch.testing.assert_close(
+        split_grad.double(),
+        grad.double(),
+        rtol=grad_rtol[raw_student.dtype],
+        atol=16 * compute_eps * coef_over_tau + 1e3 * torch.finfo(raw_student.dtype).tiny,
     )
 
 
