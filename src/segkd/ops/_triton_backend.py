@@ -177,11 +177,12 @@ def _device_guard(device: torch.device) -> Any:
 
 
 def forward(
-    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, plan: tuple[int, int] | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the ``(R, 2)`` statistics ``(max, log z)``.
 
-    One launch; two when the rows are split (``plan_segments``): the segments, then their combination.
+    One launch; two when the rows are split (``plan``, by default from ``plan_segments``): the segments,
+    then their combination.
     """
     student, teacher = _rows(student), _rows(teacher)
     num_rows, row_length = student.shape
@@ -190,7 +191,7 @@ def forward(
     stats_s = _new_output(stats_shape(num_rows), dtype, student.device)
     stats_t = _new_output(stats_shape(num_rows), dtype, student.device)
     sqdist = _new_output((num_rows,), dtype, student.device) if need_sqdist else None
-    segments, segment_length = plan_segments(num_rows, row_length, student.device)
+    segments, segment_length = plan or plan_segments(num_rows, row_length, student.device)
     if segments == 1:
         _launch_forward(student, teacher, tau, need_sqdist, (kl, sqdist, stats_s, stats_t), None, 1, row_length)
         return kl, sqdist, stats_s, stats_t

@@ -214,9 +214,10 @@ def weighted_forward(
     """
     num_rows, row_length = student.shape
     need_sqdist = mode == "hwd"
-    segments, segment_length = _triton_backend.plan_segments(num_rows, row_length, student.device)
+    plan = _triton_backend.plan_segments(num_rows, row_length, student.device)
+    segments, segment_length = plan
     if segments == 1 or channels > MAX_BLOCK_C:
-        kl, sqdist, stats_s, stats_t = _triton_backend.forward(student, teacher, tau, need_sqdist)
+        kl, sqdist, stats_s, stats_t = _triton_backend.forward(student, teacher, tau, need_sqdist, plan)
         loss, coef = finalize(kl, sqdist if need_sqdist else weights, channels, mode, mu, beta, tau * tau, reduction)
         return loss, coef, stats_s, stats_t
     partials = _triton_backend.forward_partials(student, teacher, tau, need_sqdist, segments, segment_length)
