@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from segkd.ops import _torch_backend
-from segkd.ops.channel_kl import available_backends, channel_kl, resolve_backend
+from segkd.ops.channel_kl import ChannelKLFunction, available_backends, channel_kl, keeps_direction, resolve_backend
 from segkd.testing.reference import channel_kl_reference, spatial_softmax_reference
 
 # `segkd.ops.channel_kl` the attribute is the function; the module is needed for monkeypatching.
@@ -276,13 +276,8 @@ def test_row_blocks_cover_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(student.grad, _reference_grad(student, teacher, 1.0, grad_kl))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("return_sqdist", [False, True])
-def test_saves_only_inputs_and_per_row_statistics(dtype: torch.dtype, return_sqdist: bool) -> None:
-    shape = (2, 3, 16, 16)
-    rows = shape[0] * shape[1]
-    student, teacher = _pair(shape, dtype)
-    student.requires_grad_()
+def _saved_tensors(run) -> tuple[list[torch.Tensor], object]:
+    """The tensors autograd saves while ``run()`` builds its graph, and what ``run()`` returned."""
     saved: list[torch.Tensor] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -290,15 +285,73 @@ def test_saves_only_inputs_and_per_row_statistics(dtype: torch.dtype, return_sqd
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = channel_kl(student, teacher, 2.0, return_sqdist=return_sqdist, backend="torch")
+        out = run()
+    return saved, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("return_sqdist", [False, True])
+def test_saves_only_inputs_and_per_row_statistics(dtype: torch.dtype, return_sqdist: bool) -> None:
+    # The contract of the Triton backend, and of the torch backend on CUDA: ChannelKLFunction without
+    # keep_direction, as channel_kl calls it there (on CPU the torch backend keeps p_S - p_T, below).
+    shape = (2, 3, 16, 16)
+    rows = shape[0] * shape[1]
+    student, teacher = _pair(shape, dtype)
+    student.requires_grad_()
+    student_rows, teacher_rows = student.reshape(rows, -1), teacher.reshape(rows, -1)
+    saved, out = _saved_tensors(
+        lambda: ChannelKLFunction.apply(student_rows, teacher_rows, 2.0, return_sqdist, "torch")
+    )
     assert saved, "expected the autograd node to save something"
     input_storages = {student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()}
     for tensor in saved:
         is_input = tensor.untyped_storage().data_ptr() in input_storages
         is_row_statistic = tensor.shape == (rows,)
         assert is_input or is_row_statistic, f"saved a tensor of shape {tuple(tensor.shape)} that is not an input"
+    out[0].sum().backward()  # the saved tensors are enough for the backward pass
+    torch.testing.assert_close(
+        student.grad.double(), _reference_grad(student, teacher, 2.0, torch.ones(shape[:2])), **GRAD_TOLERANCES[dtype]
+    )
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("return_sqdist", [False, True])
+def test_cpu_torch_backend_saves_only_the_probability_difference(dtype: torch.dtype, return_sqdist: bool) -> None:
+    # On CPU, with a gradient to compute, the forward keeps p_S - p_T in the compute dtype (fp32 for
+    # half precision) and nothing else; the backward is one multiply, and can run twice.
+    shape = (2, 3, 16, 16)
+    student, teacher = _pair(shape, dtype)
+    student.requires_grad_()
+    saved, out = _saved_tensors(lambda: channel_kl(student, teacher, 2.0, return_sqdist=return_sqdist, backend="torch"))
+    (direction,) = saved
+    assert direction.shape == (6, 256)
+    assert direction.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     kl = out[0] if isinstance(out, tuple) else out
-    kl.sum().backward()  # the saved tensors are enough for the backward pass
+    grad_kl = torch.linspace(-1.0, 2.0, 6, dtype=torch.float64).reshape(2, 3)
+    kl.backward(grad_kl.to(kl.dtype), retain_graph=True)
+    expected = _reference_grad(student, teacher, 2.0, grad_kl)
+    torch.testing.assert_close(student.grad.double(), expected, **GRAD_TOLERANCES[dtype])
+    first = student.grad.clone()
+    kl.backward(grad_kl.to(kl.dtype))  # retain_graph: the saved difference is still intact
+    torch.testing.assert_close(student.grad, 2 * first, rtol=0, atol=0)
+
+
+def test_probability_difference_is_kept_only_when_a_gradient_is_needed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    original = _torch_backend.new_direction
+    monkeypatch.setattr(_torch_backend, "new_direction", lambda x: calls.append(tuple(x.shape)) or original(x))
+    student, teacher = _pair((2, 3, 5), torch.float32)
+    channel_kl(student, teacher, backend="torch")  # no gradient wanted
+    student.requires_grad_()
+    with torch.no_grad():
+        channel_kl(student, teacher, backend="torch")
+    with torch.inference_mode():
+        channel_kl(student, teacher, backend="torch")
+    assert calls == []
+    channel_kl(student, teacher, backend="torch")
+    assert calls == [(6, 5)]
+    assert not keeps_direction(torch.zeros(2, device="meta", requires_grad=True), "torch")  # CPU only
+    assert not keeps_direction(student, "triton")
 
 
 def test_trailing_size_one_gives_zero() -> None:

@@ -45,6 +45,19 @@ def _reference_gradient(
     return grad_kl.double()[:, None] / tau * (p_s - p_t)
 
 
+def _backward_by(path: str, student: torch.Tensor, teacher: torch.Tensor, tau: float, grad_kl: torch.Tensor):
+    """The student gradient by the backward that recomputes the softmaxes, or from the forward's ``p_S - p_T``."""
+    if path == "recompute":
+        _, _, lse_s, lse_t = _torch_backend.forward(student, teacher, tau, False)
+        return _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
+    direction = _torch_backend.new_direction(student)
+    _torch_backend.forward(student, teacher, tau, False, direction=direction)
+    return _torch_backend.gradient_from_direction(direction, grad_kl, tau, student.dtype)
+
+
+GRADIENT_PATHS = ["recompute", "direction"]
+
+
 @pytest.mark.parametrize("need_sqdist", [False, True])
 @pytest.mark.parametrize("tau", [1.0, 2.5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -69,13 +82,13 @@ def test_forward_outputs_match_float64_reference(dtype: torch.dtype, tau: float,
         assert sqdist is None
 
 
+@pytest.mark.parametrize("path", GRADIENT_PATHS)
 @pytest.mark.parametrize("tau", [1.0, 2.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_backward_matches_float64_gradient(dtype: torch.dtype, tau: float) -> None:
+def test_backward_matches_float64_gradient(dtype: torch.dtype, tau: float, path: str) -> None:
     student, teacher = _rows(11, 29, dtype, seed=1)
-    _, _, lse_s, lse_t = _torch_backend.forward(student, teacher, tau, False)
-    grad_kl = torch.linspace(-2.0, 3.0, 11, dtype=lse_s.dtype)  # of both signs, one zero-free
-    grad = _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
+    grad_kl = torch.linspace(-2.0, 3.0, 11, dtype=_torch_backend.compute_dtype(dtype))  # of both signs, zero-free
+    grad = _backward_by(path, student, teacher, tau, grad_kl)
     assert grad.dtype == dtype
     assert grad.shape == student.shape
     expected = _reference_gradient(student, teacher, tau, grad_kl)
@@ -83,17 +96,17 @@ def test_backward_matches_float64_gradient(dtype: torch.dtype, tau: float) -> No
     torch.testing.assert_close(grad.double(), expected, **tolerance)
 
 
+@pytest.mark.parametrize("path", GRADIENT_PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_gradient_is_rounded_once(dtype: torch.dtype) -> None:
+def test_half_precision_gradient_is_rounded_once(dtype: torch.dtype, path: str) -> None:
     # Formed and scaled in fp32 and rounded once: every element is the float64 gradient rounded to
     # the dtype, up to the fp32 error of p_S - p_T (a few units of 2^-24 times p_S + p_T). Half a
     # unit in the last place is at most eps / 2 relative (plus half the subnormal spacing near 0).
     # Rounding p_S and p_T, or their difference before the scale, to the dtype is off by far more.
     student, teacher = _rows(9, 301, dtype, scale=2.0, seed=2)
     tau = 4.0
-    _, _, lse_s, lse_t = _torch_backend.forward(student, teacher, tau, False)
     grad_kl = torch.linspace(-30.0, 50.0, 9)
-    grad = _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
+    grad = _backward_by(path, student, teacher, tau, grad_kl)
     assert grad.dtype == dtype
     expected = _reference_gradient(student, teacher, tau, grad_kl)
     p_s = spatial_softmax_reference(student[None], tau)[0]
@@ -143,6 +156,7 @@ def poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "empty_like", empty_like)
 
 
+@pytest.mark.parametrize("path", GRADIENT_PATHS)
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
@@ -157,6 +171,7 @@ def test_every_row_of_every_block_is_written(
     row_length: int,
     dtype: torch.dtype,
     tau: float,
+    path: str,
 ) -> None:
     # Blocks of 10 elements: 2 rows of 4 (21 rows: 10 full blocks and a last one of 1 row), 3 rows
     # of 3 capped by the eighth-of-the-input rule to 1 row, and 1 row of 33 (a row longer than a block).
@@ -164,9 +179,13 @@ def test_every_row_of_every_block_is_written(
     monkeypatch.setattr(_torch_backend, "_CPU_BLOCK_ELEMENTS", 10)
     monkeypatch.setattr(_torch_backend, "_CPU_MIN_BLOCK_ELEMENTS", 1)
     student, teacher = _rows(num_rows, row_length, dtype, seed=3)
-    kl, sqdist, lse_s, lse_t = _torch_backend.forward(student, teacher, tau, True)
+    direction = _torch_backend.new_direction(student) if path == "direction" else None
+    kl, sqdist, lse_s, lse_t = _torch_backend.forward(student, teacher, tau, True, direction=direction)
     grad_kl = torch.rand(num_rows, generator=torch.Generator().manual_seed(4), dtype=kl.dtype) + 0.5
-    grad = _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
+    if direction is None:
+        grad = _torch_backend.backward(student, teacher, lse_s, lse_t, grad_kl, tau)
+    else:
+        grad = _torch_backend.gradient_from_direction(direction, grad_kl, tau, dtype)
     assert sqdist is not None
     for out in (kl, sqdist, lse_s, lse_t, grad):
         assert torch.isfinite(out).all()
@@ -177,6 +196,39 @@ def test_every_row_of_every_block_is_written(
     expected = _reference_gradient(student, teacher, tau, grad_kl)
     tolerance = {torch.float64: (1e-12, 1e-15), torch.float32: (1e-5, 1e-7), torch.bfloat16: (2**-8, 1e-7)}[dtype]
     torch.testing.assert_close(grad.double(), expected, rtol=tolerance[0], atol=tolerance[1])
+
+
+@pytest.mark.parametrize("need_sqdist", [False, True])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_writes_probability_difference_and_same_statistics(
+    dtype: torch.dtype, tau: float, need_sqdist: bool
+) -> None:
+    # direction= is p_S - p_T in the compute dtype; writing it changes none of the other outputs (the
+    # squared distance is then summed from it rather than from the softmax buffer: the same numbers).
+    # Its gradient is the recomputing backward's, bit for bit (the same fp32 operations), and leaves
+    # the direction as it was, so that a second backward (retain_graph=True) gets the same gradient.
+    student, teacher = _rows(13, 37, dtype, seed=5)
+    direction = _torch_backend.new_direction(student)
+    assert direction.shape == student.shape
+    assert direction.dtype == _torch_backend.compute_dtype(dtype)
+    kept = _torch_backend.forward(student, teacher, tau, need_sqdist, direction=direction)
+    plain = _torch_backend.forward(student, teacher, tau, need_sqdist)
+    for kept_out, plain_out in zip(kept, plain, strict=True):
+        assert (kept_out is None) == (plain_out is None)
+        if kept_out is not None:
+            torch.testing.assert_close(kept_out, plain_out, rtol=0, atol=0)
+    p_s = spatial_softmax_reference(student[None].double(), tau)[0]
+    p_t = spatial_softmax_reference(teacher[None].double(), tau)[0]
+    tolerance = {"rtol": 1e-12, "atol": 1e-15} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-8}
+    torch.testing.assert_close(direction.double(), p_s - p_t, **tolerance)
+    grad_kl = torch.linspace(-3.0, 2.0, 13, dtype=direction.dtype)
+    before = direction.clone()
+    grad = _torch_backend.gradient_from_direction(direction, grad_kl, tau, dtype)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(direction, before, rtol=0, atol=0)
+    recomputed = _torch_backend.backward(student, teacher, plain[2], plain[3], grad_kl, tau)
+    torch.testing.assert_close(grad, recomputed, rtol=0, atol=0)
 
 
 def test_rows_per_block_on_cpu() -> None:

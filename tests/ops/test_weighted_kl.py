@@ -45,12 +45,21 @@ needs_triton = pytest.mark.skipif(
     not TRITON_OK, reason="Triton not installed, or imported before TRITON_INTERPRET=1 on a CPU-only machine"
 )
 BACKENDS = ["torch", pytest.param("triton", marks=[needs_triton, pytest.mark.triton])]
-# "triton-split": the Triton backend with its rows split into segments (the tests/ops/conftest.py fixture).
-BACKENDS_WITH_SPLIT = [*BACKENDS, pytest.param("triton-split", marks=[needs_triton, pytest.mark.triton])]
+# "triton-split": the Triton backend with its rows split into segments (the tests/ops/conftest.py fixture);
+# "torch-recompute": the torch backend as on CUDA, saving inputs and row statistics rather than p_S - p_T.
+BACKENDS_WITH_SPLIT = [
+    *BACKENDS,
+    "torch-recompute",
+    pytest.param("triton-split", marks=[needs_triton, pytest.mark.triton]),
+]
 
 
 def _backend(name: str, request: pytest.FixtureRequest, rows: int, row_length: int) -> str:
-    """The concrete backend of a ``BACKENDS_WITH_SPLIT`` name, splitting the rows for ``"triton-split"``."""
+    """The concrete backend of a ``BACKENDS_WITH_SPLIT`` name, set up as the name says."""
+    if name == "torch-recompute":
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(importlib.import_module("segkd.ops.weighted_kl"), "keeps_direction", lambda *_: False)
+        return "torch"
     if name != "triton-split":
         return name
     request.getfixturevalue("split_rows")
@@ -384,6 +393,38 @@ def test_triton_forward_backward_is_at_most_four_launches(
     launches = triton_launches + log.launching
     assert len(triton_launches) == 3, triton_launches
     assert len(launches) <= 4, launches
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["cpu-keeps-difference", "recompute"])
+@pytest.mark.parametrize("weighting", ["uniform", "hwd"])
+def test_saved_tensors_and_a_second_backward(weighting: str, keep: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The torch backend on CPU saves p_S - p_T (compute dtype) and the per-row coefficients only; as on
+    # CUDA (keeps_direction False) it saves the inputs, the row statistics and the coefficients. Either
+    # way a second backward (retain_graph=True) gives the same gradient, the reference one.
+    if not keep:
+        monkeypatch.setattr(importlib.import_module("segkd.ops.weighted_kl"), "keeps_direction", lambda *_: False)
+    student, teacher = _inputs((2, 3, 4, 6), torch.bfloat16, seed=21)
+    student = student.cpu().requires_grad_(True)
+    teacher = teacher.cpu()
+    saved: list[Any] = []
+
+    def pack(tensor: Any) -> Any:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = weighted_channel_kl(student, teacher, 2.0, weighting, backend="torch")  # type: ignore[arg-type]
+    shapes = sorted((tuple(t.shape), t.dtype) for t in saved)
+    if keep:
+        assert shapes == sorted([((6, 24), torch.float32), ((6,), torch.float32)])
+    else:
+        assert shapes == sorted([((6, 24), torch.bfloat16)] * 2 + [((6,), torch.float32)] * 3)
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()
+    _, expected = _reference_loss_and_grad(student, teacher, 2.0, weighting, "mean", torch.tensor(1.0), 0.0, 0.1)
+    torch.testing.assert_close(first.double(), expected, rtol=GRAD_TOLERANCES[torch.bfloat16]["rtol"], atol=1e-6)
+    loss.backward()
+    torch.testing.assert_close(student.grad, 2 * first, rtol=0, atol=0)
 
 
 def test_bad_weights() -> None:

@@ -28,6 +28,14 @@ and two in the backward, are the floor, the same as the eager formula's):
   pass; the KL's ``lse_T - lse_S`` is formed as ``(max_T - max_S) - log(top_T / top_S)``;
 * the backward writes ``scale * (p_S - p_T)`` with two in-place operations on the fp32 softmax and
   one rounding copy into the gradient.
+
+On CPU, when the student needs a gradient, the forward also writes ``p_S - p_T`` into an ``(R, L)``
+buffer in the compute dtype (``direction=``; the caller decides, see
+``segkd.ops.channel_kl.keeps_direction``), and the backward is then
+:func:`gradient_from_direction`, one multiply instead of two more softmaxes: the four exponential
+passes become two, at the cost of holding that buffer from the forward to the backward (twice the
+input's size for half-precision inputs). On CUDA the backend keeps the Triton backend's contract,
+inputs and per-row statistics only, since there memory is what is scarce.
 """
 
 from __future__ import annotations
@@ -118,10 +126,19 @@ class _Workspace:
         return block
 
 
+def new_direction(student: Tensor) -> Tensor:
+    """An ``(R, L)`` buffer for :func:`forward`'s ``direction``, in the compute dtype."""
+    return torch.empty(student.shape, dtype=compute_dtype(student.dtype), device=student.device)
+
+
 def forward(
-    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool
+    student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, *, direction: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers."""
+    """Per-row ``KL(p_T || p_S)``, optional ``sum (p_S - p_T)^2`` and the log-normalisers.
+
+    ``direction``, if given (``(R, L)``, contiguous, in the compute dtype), is filled with
+    ``p_S - p_T``, what :func:`gradient_from_direction` needs.
+    """
     num_rows, row_length = student.shape
     dtype = compute_dtype(student.dtype)
     device = student.device
@@ -134,23 +151,28 @@ def forward(
     rows = _rows_per_block(num_rows, row_length, device)
     workspace = _Workspace(rows, row_length, dtype, device, tau)
     student_blocks, teacher_blocks = student.split(rows), teacher.split(rows)
-    sqdist_blocks = sqdist.split(rows) if sqdist is not None else (None,) * len(student_blocks)
+    nothing = (None,) * len(student_blocks)
     blocks = zip(
         student_blocks,
         teacher_blocks,
         maxima.split(rows, dim=1),
         tops.split(rows, dim=1),
         cross.split(rows),
-        sqdist_blocks,
+        sqdist.split(rows) if sqdist is not None else nothing,
+        direction.split(rows) if direction is not None else nothing,
         strict=True,
     )
-    for student_rows, teacher_rows, max_out, top_out, cross_out, sqdist_out in blocks:
+    for student_rows, teacher_rows, max_out, top_out, cross_out, sqdist_out, direction_out in blocks:
         block = workspace.load(student_rows, teacher_rows)
         torch.amax(block.inputs, dim=2, out=max_out)
         torch.softmax(block.inputs, dim=2, out=block.probs)  # one fused, vectorised kernel for both inputs
         torch.amax(block.probs, dim=2, out=top_out)
         torch.sum(block.t.sub_(block.s).mul_(block.p_t), dim=1, out=cross_out)
-        if sqdist_out is not None:
+        if direction_out is not None:
+            difference = torch.sub(block.p_s, block.p_t, out=direction_out)
+            if sqdist_out is not None:
+                torch.sum(torch.mul(difference, difference, out=block.p_s), dim=1, out=sqdist_out)
+        elif sqdist_out is not None:
             torch.sum(block.p_s.sub_(block.p_t).square_(), dim=1, out=sqdist_out)
     max_s, max_t = maxima.unbind(0)
     top_s, top_t = tops.unbind(0)
@@ -189,3 +211,17 @@ def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, gra
         else:
             grad_out.copy_(block.p_s.sub_(block.p_t).mul_(scale_rows))
     return grad_student
+
+
+def gradient_from_direction(direction: Tensor, grad_kl: Tensor, tau: float, dtype: torch.dtype) -> Tensor:
+    """:func:`backward`'s gradient from the ``p_S - p_T`` that :func:`forward` wrote into ``direction``.
+
+    ``grad_kl[r] / tau * direction[r]`` formed in the compute dtype and rounded once into ``dtype``
+    (the same operations, in the same order, as :func:`backward`); ``direction`` is left unchanged,
+    so the backward can run again (``retain_graph=True``).
+    """
+    scale = (grad_kl.to(direction.dtype) * (1.0 / tau))[:, None]
+    if dtype == direction.dtype:
+        return direction * scale
+    # An fp32 product rounded once into the half-precision output, without an fp32 temporary.
+    return torch.mul(direction, scale, out=torch.empty(direction.shape, dtype=dtype, device=direction.device))

@@ -113,18 +113,31 @@ def _launcher(name: str) -> ModuleType:
 class ChannelKLFunction(torch.autograd.Function):
     """Autograd node of :func:`channel_kl` on ``(R, L)`` rows.
 
-    Saves ``student``, ``teacher`` and the per-row ``logsumexp`` of each; never a softmax.
-    The squared distance output carries no gradient; the teacher gets none either.
+    Saves ``student``, ``teacher`` and the per-row ``logsumexp`` of each; never a softmax. With
+    ``keep_direction=True`` (the torch backend on CPU only, see :func:`keeps_direction`) it saves
+    instead the ``(R, L)`` difference ``p_S - p_T`` in the compute dtype, and the backward is one
+    multiply. The squared distance output carries no gradient; the teacher gets none either.
     """
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, backend: str
+        ctx: FunctionCtx,
+        student: Tensor,
+        teacher: Tensor,
+        tau: float,
+        need_sqdist: bool,
+        backend: str,
+        keep_direction: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
-        ctx.save_for_backward(student, teacher, stats_s, stats_t)
-        ctx.tau = tau  # type: ignore[attr-defined]
-        ctx.backend = backend  # type: ignore[attr-defined]
+        keep_direction = keep_direction and backend == "torch"
+        if keep_direction:
+            direction = _torch_backend.new_direction(student)
+            kl, sqdist, _, _ = _torch_backend.forward(student, teacher, tau, need_sqdist, direction=direction)
+            ctx.save_for_backward(direction)
+        else:
+            kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
+            ctx.save_for_backward(student, teacher, stats_s, stats_t)
+        remember_gradient_inputs(ctx, student, tau, backend, kept_direction=keep_direction)
         if sqdist is None:
             sqdist = kl.new_empty(0)
         ctx.mark_non_differentiable(sqdist)
@@ -133,12 +146,40 @@ class ChannelKLFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor | None, grad_sqdist: Tensor | None) -> tuple[Tensor | None, ...]:
-        student, teacher, stats_s, stats_t = ctx.saved_tensors
+        nothing: tuple[None, ...] = (None,) * 5
         if grad_kl is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        launcher = _launcher(ctx.backend)
-        grad_student = launcher.backward(student, teacher, stats_s, stats_t, grad_kl.contiguous(), ctx.tau)
-        return grad_student, None, None, None, None
+            return (None, *nothing)
+        return (saved_gradient(ctx, ctx.saved_tensors, grad_kl.contiguous()), *nothing)
+
+
+def keeps_direction(student: Tensor, backend: str) -> bool:
+    """Whether the forward keeps ``p_S - p_T`` for the backward: the torch backend on CPU, when a gradient is needed.
+
+    On CPU the exponential passes are what costs, and keeping the difference saves the backward's two
+    softmaxes; on CUDA every backend saves only the inputs and per-row statistics.
+    """
+    return backend == "torch" and student.device.type == "cpu" and student.requires_grad and torch.is_grad_enabled()
+
+
+def remember_gradient_inputs(ctx: Any, student: Tensor, tau: float, backend: str, *, kept_direction: bool) -> None:
+    """Store on ``ctx`` what :func:`saved_gradient` needs besides the saved tensors."""
+    ctx.tau = tau
+    ctx.backend = backend
+    ctx.student_dtype = student.dtype
+    ctx.kept_direction = kept_direction
+
+
+def saved_gradient(ctx: Any, saved: tuple[Tensor, ...], grad_kl: Tensor) -> Tensor:
+    """The student gradient for ``grad_kl`` (one contiguous value per row) from what the forward saved.
+
+    ``saved`` is ``(direction,)`` when the forward kept ``p_S - p_T`` (``ctx.kept_direction``), else
+    ``(student, teacher, stats_s, stats_t)``; ``ctx`` is set by :func:`remember_gradient_inputs`.
+    """
+    if ctx.kept_direction:
+        (direction,) = saved
+        return _torch_backend.gradient_from_direction(direction, grad_kl, ctx.tau, ctx.student_dtype)
+    student, teacher, stats_s, stats_t = saved
+    return _launcher(ctx.backend).backward(student, teacher, stats_s, stats_t, grad_kl, ctx.tau)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +252,8 @@ def _apply(student: Tensor, teacher: Tensor, tau: float, need_sqdist: bool, back
     if _channel_kl_forward_op is not None and torch.compiler.is_compiling():
         kl, sqdist, _, _ = _channel_kl_forward_op(student, teacher, tau, need_sqdist, backend)
         return kl, sqdist
-    return ChannelKLFunction.apply(student, teacher, tau, need_sqdist, backend)
+    keep = keeps_direction(student, backend)
+    return ChannelKLFunction.apply(student, teacher, tau, need_sqdist, backend, keep)
 
 
 def as_rows(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,7 +300,8 @@ def channel_kl(
     The backward pass gives ``grad_student = grad_kl[n, c] / tau * (p_S - p_T)``; the teacher is
     detached and gets no gradient; ``sqdist`` carries none. Statistics are accumulated in fp32
     (fp64 for fp64 inputs) and returned in that dtype; the gradient has the student's dtype.
-    Only the inputs and two to four numbers per channel are kept for the backward pass.
+    Only the inputs and two to four numbers per channel are kept for the backward pass (on CPU the
+    torch backend keeps ``p_S - p_T`` instead, and skips recomputing the softmaxes).
 
     Args:
         student: student logits.

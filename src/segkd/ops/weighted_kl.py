@@ -25,13 +25,16 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from segkd import _checks
-from segkd.ops import _weighting
+from segkd.ops import _torch_backend, _weighting
 from segkd.ops.channel_kl import (
     Backend,
     _channel_kl_backward_op,
     _launcher,
     as_rows,
+    keeps_direction,
+    remember_gradient_inputs,
     resolve_backend,
+    saved_gradient,
     stats_shape,
 )
 
@@ -47,30 +50,24 @@ def _triton_weighting() -> Any:
     return sys.modules.get(_TRITON_WEIGHTING) or importlib.import_module(_TRITON_WEIGHTING)
 
 
-def _backward(
-    backend: str,
-    student: Tensor,
-    teacher: Tensor,
-    stats_s: Tensor,
-    stats_t: Tensor,
-    coef: Tensor,
-    grad_loss: Tensor,
-    tau: float,
-) -> Tensor:
-    """Student gradient of ``loss`` given ``d loss / d kl = coef`` and the incoming ``grad_loss``."""
-    launcher = _launcher(backend)
+def _gradient(ctx: Any, grad_loss: Tensor) -> Tensor:
+    """Student gradient of ``loss`` from what the forward saved (``coef = d loss / d kl`` last) and ``grad_loss``."""
+    *saved, coef = ctx.saved_tensors
     grad_rows = grad_loss.reshape(-1)
-    if getattr(launcher, "FUSED_COEFFICIENTS", False):
+    if not ctx.kept_direction and getattr(_launcher(ctx.backend), "FUSED_COEFFICIENTS", False):
         # One kernel: grad_loss (a scalar, or one value per row) and coef are folded in per row.
-        return launcher.backward(student, teacher, stats_s, stats_t, grad_rows, tau, coef=coef)
-    return launcher.backward(student, teacher, stats_s, stats_t, (coef * grad_rows.to(coef.dtype)).contiguous(), tau)
+        student, teacher, stats_s, stats_t = saved
+        return _launcher(ctx.backend).backward(student, teacher, stats_s, stats_t, grad_rows, ctx.tau, coef=coef)
+    return saved_gradient(ctx, tuple(saved), (coef * grad_rows.to(coef.dtype)).contiguous())
 
 
 class WeightedChannelKLFunction(torch.autograd.Function):
     """Autograd node of :func:`weighted_channel_kl` on ``(R, L)`` rows.
 
-    Saves the inputs, the backend's per-row statistics and the per-row coefficients; the teacher
-    and any given weights get no gradient.
+    Saves the inputs, the backend's per-row statistics and the per-row coefficients, or, with
+    ``keep_direction=True`` (the torch backend on CPU, as for
+    :class:`~segkd.ops.channel_kl.ChannelKLFunction`), ``p_S - p_T`` and the coefficients; the
+    teacher and any given weights get no gradient.
     """
 
     @staticmethod
@@ -86,24 +83,27 @@ class WeightedChannelKLFunction(torch.autograd.Function):
         beta: float,
         reduction: str,
         backend: str,
+        keep_direction: bool = False,
     ) -> Tensor:
-        loss, coef, stats_s, stats_t = _forward_impl(
-            student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend
-        )
-        ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
-        ctx.tau = tau  # type: ignore[attr-defined]
-        ctx.backend = backend  # type: ignore[attr-defined]
+        settings = (weights, tau, channels, mode, mu, beta, reduction)
+        keep_direction = keep_direction and backend == "torch"
+        if keep_direction:
+            direction = _torch_backend.new_direction(student)
+            loss, coef = _forward_keeping_direction(student, teacher, *settings, direction)
+            ctx.save_for_backward(direction, coef)
+        else:
+            loss, coef, stats_s, stats_t = _forward_impl(student, teacher, *settings, backend)
+            ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
+        remember_gradient_inputs(ctx, student, tau, backend, kept_direction=keep_direction)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
-        student, teacher, stats_s, stats_t, coef = ctx.saved_tensors
-        nothing: tuple[None, ...] = (None,) * 9
+        nothing: tuple[None, ...] = (None,) * 10
         if grad_loss is None or not ctx.needs_input_grad[0]:
             return (None, *nothing)
-        grad = _backward(ctx.backend, student, teacher, stats_s, stats_t, coef, grad_loss, ctx.tau)
-        return (grad, *nothing)
+        return (_gradient(ctx, grad_loss), *nothing)
 
 
 def _forward_impl(
@@ -118,12 +118,31 @@ def _forward_impl(
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, coef, stats_s, stats_t)``: the loss, ``d loss / d kl`` per row, and the backend's row statistics."""
     if backend == "triton":
         return _triton_weighting().weighted_forward(student, teacher, weights, tau, channels, mode, mu, beta, reduction)
     kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
-    aux = sqdist if mode == "hwd" else weights
-    loss, coef = _weighting.finalize(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
+    loss, coef = _weighting.finalize(
+        kl, sqdist if mode == "hwd" else weights, channels, mode, mu, beta, tau * tau, reduction
+    )
     return loss, coef, stats_s, stats_t
+
+
+def _forward_keeping_direction(
+    student: Tensor,
+    teacher: Tensor,
+    weights: Tensor | None,
+    tau: float,
+    channels: int,
+    mode: str,
+    mu: float,
+    beta: float,
+    reduction: str,
+    direction: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, coef)`` from the torch backend, which also writes ``p_S - p_T`` into ``direction``."""
+    kl, sqdist, _, _ = _torch_backend.forward(student, teacher, tau, mode == "hwd", direction=direction)
+    return _weighting.finalize(kl, sqdist if mode == "hwd" else weights, channels, mode, mu, beta, tau * tau, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +210,8 @@ def _apply(*arguments: Any) -> Tensor:
     """Run the op on rows with ``_forward_impl``'s arguments: the autograd.Function eagerly, the custom op compiling."""
     if _forward_op is not None and torch.compiler.is_compiling():
         return _forward_op(*arguments)[0]
-    return WeightedChannelKLFunction.apply(*arguments)
+    student, backend = arguments[0], arguments[-1]
+    return WeightedChannelKLFunction.apply(*arguments, keeps_direction(student, backend))
 
 
 def weighted_channel_kl(
