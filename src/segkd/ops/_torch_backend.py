@@ -223,5 +223,16 @@ def gradient_from_direction(direction: Tensor, grad_kl: Tensor, tau: float, dtyp
     scale = (grad_kl.to(direction.dtype) * (1.0 / tau))[:, None]
     if dtype == direction.dtype:
         return direction * scale
-    # An fp32 product rounded once into the half-precision output, without an fp32 temporary.
-    return torch.mul(direction, scale, out=torch.empty(direction.shape, dtype=dtype, device=direction.device))
+    # Half precision: the product is formed block by block in one reusable compute-dtype buffer and
+    # rounded into the gradient (an operation with a half-precision `out=` would allocate a whole
+    # compute-dtype temporary, one more copy of the direction at the peak).
+    num_rows, row_length = direction.shape
+    grad_student = torch.empty(direction.shape, dtype=dtype, device=direction.device)
+    rows = _rows_per_block(num_rows, row_length, direction.device)
+    buffer = torch.empty(rows * row_length, dtype=direction.dtype, device=direction.device)
+    for direction_rows, scale_rows, grad_out in zip(
+        direction.split(rows), scale.split(rows), grad_student.split(rows), strict=True
+    ):
+        product = buffer[: direction_rows.numel()].view(direction_rows.shape)
+        grad_out.copy_(torch.mul(direction_rows, scale_rows, out=product))
+    return grad_student
