@@ -3,7 +3,8 @@
 Four layers, four names:
 
 * :func:`channel_kl` (dispatcher): validates, flattens ``(N, C, *)`` to rows, picks a backend.
-* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row normaliser statistics only. Under
+* :class:`ChannelKLFunction` (autograd): saves the inputs and per-row normaliser statistics only (the
+  torch backend on CPU saves ``p_S - p_T`` instead, see :func:`keeps_direction`). Under
   ``torch.compile`` the same launchers run behind the ``torch.library`` custom ops
   ``segkd::channel_kl_forward`` / ``segkd::channel_kl_backward`` (fake and autograd registered), so
   Dynamo and Inductor see one opaque call and the graph does not break.
@@ -113,7 +114,7 @@ def _launcher(name: str) -> ModuleType:
 class ChannelKLFunction(torch.autograd.Function):
     """Autograd node of :func:`channel_kl` on ``(R, L)`` rows.
 
-    Saves ``student``, ``teacher`` and the per-row ``logsumexp`` of each; never a softmax. With
+    Saves ``student``, ``teacher`` and the backend's per-row statistics; never a softmax. With
     ``keep_direction=True`` (the torch backend on CPU only, see :func:`keeps_direction`) it saves
     instead the ``(R, L)`` difference ``p_S - p_T`` in the compute dtype, and the backward is one
     multiply. The squared distance output carries no gradient; the teacher gets none either.
