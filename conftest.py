@@ -28,4 +28,4 @@ settings.register_profile(
 settings.load_profile(os.environ.get("SEGKD_HYPOTHESIS_PROFILE", "ci"))
 
 # Helper scripts that tests launch as subprocesses: not test modules, and not importable as doctests.
-collect_ignore_glob = ["tests/examples/_launch*.py", "tests/ops/_compile_kernels.py"]
+collect_ignore_glob = ["tests/examples/_launch*.py", "tests/ops/_compile_*.py"]

@@ -2,7 +2,9 @@
 
 The CPU tests run the kernels under the Triton interpreter, which executes them as NumPy code and
 cannot see errors that only the compiler reports; ``_compile_kernels.py`` sends each variant through
-Triton's whole pipeline down to ``ptxas``, in a subprocess without ``TRITON_INTERPRET``.
+Triton's whole pipeline down to ``ptxas``, and ``_compile_launches.py`` each specialisation that real
+launches at a set of shapes would ask for on an H100 (integers equal to 1 as constants, arguments
+divisible by 16 marked so), in subprocesses without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("_compile_kernels.py")
+LAUNCHES_SCRIPT = Path(__file__).with_name("_compile_launches.py")
+MISSING_INTERNALS = 3  # _compile_launches.py's exit status when this Triton lacks the internals it uses
 
 
 def _nvidia_backend_available() -> bool:
@@ -25,14 +29,36 @@ def _nvidia_backend_available() -> bool:
         return False
 
 
-@pytest.mark.triton
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-@pytest.mark.skipif(not _nvidia_backend_available(), reason="this Triton has no NVIDIA backend")
-def test_every_kernel_variant_compiles_for_cuda(tmp_path: Path) -> None:
+def _run_without_interpreter(script: Path, cache: Path) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env |= {"TRITON_CACHE_DIR": str(tmp_path), "TRITON_DEFAULT_FP_FUSION": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    env |= {"TRITON_CACHE_DIR": str(cache), "TRITON_DEFAULT_FP_FUSION": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed"),
+    pytest.mark.skipif(not _nvidia_backend_available(), reason="this Triton has no NVIDIA backend"),
+]
+
+
+def test_every_kernel_variant_compiles_for_cuda(tmp_path: Path) -> None:
+    done = _run_without_interpreter(SCRIPT, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     compiled = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
     # 16 forward (4 dtypes x split x sqdist), 2 combine, 5 backward, 12 finalize variants.
     assert len(compiled) == 35, done.stdout
+
+
+def test_launch_specialisations_compile_for_cuda(tmp_path: Path) -> None:
+    done = _run_without_interpreter(LAUNCHES_SCRIPT, tmp_path)
+    if done.returncode == MISSING_INTERNALS:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    compiled = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) > 100, done.stdout
+    # The specialisations the general variants miss were among them (the script's last lines).
+    ones = dict(line.split(": compiled with each of these equal to 1: ") for line in done.stdout.splitlines()[-4:])
+    assert {"num_rows", "row_length"} <= set(ones["channel_kl_forward_kernel"].split(", "))
+    assert {"num_rows", "row_length", "grad_kl_stride"} <= set(ones["channel_kl_backward_kernel"].split(", "))
+    assert {"num_images", "channels"} <= set(ones["weighted_finalize_kernel"].split(", "))
