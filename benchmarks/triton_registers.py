@@ -1,9 +1,11 @@
 """Registers and spills of the Triton kernels as the launchers configure them, from ``ptxas -v`` (no GPU needed).
 
-Not a test. Each kernel variant that a CWD or HWD forward+backward launches at the benchmark's shapes
-(``bench_channel_kl.py``: chunks of 2048, one row per program, the launchers' ``num_warps``) is compiled
-for an sm_90 target through Triton's pipeline, and its PTX is assembled again with the ``ptxas`` that the
-Triton wheel bundles, with ``-v``: registers per thread, spill stores and loads (bytes), and the
+Not a test. The launches of a CWD and an HWD forward+backward at the benchmark's shapes
+(``bench_channel_kl.py``), fp32 and bf16, are recorded on CPU tensors with the row split an H100 would get,
+and specialised on their arguments as Triton's launcher does on a GPU (integers equal to 1 as constants,
+pointers and integers divisible by 16 marked so: the recorder of ``tests/ops/_compile_launches.py``). Each
+distinct one is compiled for sm_90 through Triton's pipeline, and its PTX assembled again with the ``ptxas``
+that the Triton wheel bundles, with ``-v``: registers per thread, spill stores and loads (bytes), and the
 occupancy that follows from the registers (at most 65536 registers per SM, 2048 threads per SM). Run it
 without ``TRITON_INTERPRET`` (``triton.jit`` reads it when the kernels are decorated)::
 
@@ -12,7 +14,7 @@ without ``TRITON_INTERPRET`` (``triton.jit`` reads it when the kernels are decor
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import os
 import re
 import subprocess
@@ -24,15 +26,19 @@ from typing import Any
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET")
 
+import torch
 import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
 
-from segkd.ops import _triton_backend, _triton_kernels, _triton_weighting
+from segkd.ops import _triton_backend, _triton_weighting
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ops"))
+from _compile_launches import recording  # the launch recorder the compile test uses
 
 ARCH = 90
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (N, C, H * W): the benchmark shapes, and rows whose length is not a multiple of 16 (65x65, from 513x513 crops).
+SHAPES = [(8, 19, 64 * 128), (8, 150, 64 * 64), (8, 171, 64 * 64), (16, 150, 128 * 128), (8, 21, 65 * 65)]
 REGISTERS_PER_SM, THREADS_PER_SM = 65536, 2048
 PTXAS = Path(get_ptxas(ARCH).path)  # the ptxas Triton itself uses for this target
 
@@ -67,56 +73,57 @@ def ptxas_info(ptx: str) -> dict[str, int]:
     }
 
 
-def compile_ptx(kernel: Any, types: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> str:
-    names = list(inspect.signature(kernel.fn).parameters)
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", ARCH, 32), options={"num_warps": num_warps})
-    return str(compiled.asm["ptx"])
-
-
-def report(label: str, kernel: Any, types: dict[str, str], constexprs: dict[str, Any], num_warps: int) -> None:
-    info = ptxas_info(compile_ptx(kernel, types, constexprs, num_warps))
+def programs_per_sm(registers: int, num_warps: int) -> int:
     threads = 32 * num_warps
-    per_sm = min(THREADS_PER_SM // threads, REGISTERS_PER_SM // max(1, info["registers"] * threads))
-    print(
-        f"| {label} | {num_warps} | {info['registers']} | {info['spill_stores']} / {info['spill_loads']} | {per_sm} |",
-        flush=True,
-    )
+    return min(THREADS_PER_SM // threads, REGISTERS_PER_SM // max(1, registers * threads))
+
+
+def describe(launch: Any, dtype: str) -> str:
+    """``forward fp32, sqdist, split`` and the like, from the kernel and its constexprs."""
+    kernel = launch.kernel.fn.__name__
+    constants = launch.bound
+    if kernel == "channel_kl_forward_kernel":
+        parts = ["sqdist" if constants["NEED_SQDIST"] else "KL only", "split" if constants["SPLIT"] else "whole rows"]
+        return f"forward {dtype}, {', '.join(parts)}"
+    if kernel == "channel_kl_combine_kernel":
+        return f"combine, {'sqdist' if constants['NEED_SQDIST'] else 'KL only'}"
+    if kernel == "channel_kl_backward_kernel":
+        return f"backward {dtype}"
+    mode = {0: "uniform", 1: "HWD", 2: "given"}[constants["MODE"]]
+    split = ", split" if constants["SPLIT"] else ""
+    return f"finalize {mode}{split}, {constants['IMAGES']} x {constants['BLOCK_C']}"
 
 
 def main() -> None:
-    block_l = _triton_backend.FORWARD_MAX_BLOCK_L
-    warps = _triton_backend._num_warps(block_l)  # one row of >= 2048 columns per program at the bench shapes
-    scalars = {"inv_tau": "fp32", "inv_tau_lo": "fp32"}
     version = subprocess.run([str(PTXAS), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     print(f"sm_{ARCH}a; {PTXAS.name}: {version[-1] if version else '?'}; triton {triton.__version__}")
-    print("| kernel | num_warps | registers | spill stores / loads (bytes) | programs per SM |")
-    print("|---|---|---|---|---|")
-    for dtype in ("fp32", "bf16"):
-        for need_sqdist, split in ((False, False), (True, False), (False, True), (True, True)):
-            types = {"student_ptr": f"*{dtype}", "teacher_ptr": f"*{dtype}", **scalars}
-            types |= dict.fromkeys(("kl_ptr", "sqdist_ptr", "stats_s_ptr", "stats_t_ptr", "partials_ptr"), "*fp32")
-            constexprs = {"NEED_SQDIST": need_sqdist, "SPLIT": split, "ROWS": 1, "BLOCK_L": block_l}
-            constexprs |= {"ACC": tl.float32, "EXACT_TAU": False}
-            name = f"forward {dtype}, {'HWD' if need_sqdist else 'CWD'}, {'split' if split else 'whole rows'}"
-            report(name, _triton_kernels.channel_kl_forward_kernel, types, constexprs, warps)
-        types = {"student_ptr": f"*{dtype}", "teacher_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", **scalars}
-        types |= dict.fromkeys(("stats_s_ptr", "stats_t_ptr", "grad_kl_ptr", "coef_ptr"), "*fp32")
-        constexprs = {"ROWS": 1, "BLOCK_L": _triton_backend.BACKWARD_MAX_BLOCK_L, "ACC": tl.float32}
-        constexprs |= {"EXACT_TAU": False, "HAS_COEF": True}
-        report(f"backward {dtype}", _triton_kernels.channel_kl_backward_kernel, types, constexprs, warps)
-    floats = ("inv_tau", "inv_tau_lo", "mu", "mu_lo", "log_beta", "log_beta_lo", "scale", "scale_lo")
-    types = dict.fromkeys(("kl_ptr", "aux_ptr", "loss_ptr", "coef_ptr", "stats_s_ptr", "stats_t_ptr"), "*fp32")
-    types |= dict.fromkeys(floats, "fp32")
-    for batch, channels in ((8, 19), (8, 150), (16, 150)):
-        images, block_c = _triton_weighting._tile(batch, channels)
-        for mode, split in ((0, False), (1, False), (1, True)):
-            constexprs = {"MODE": mode, "REDUCTION": 0, "BETA_IS_ONE": False, "SPLIT": split}
-            constexprs |= {"SPLIT_SQDIST": split and mode == 1, "IMAGES": images, "BLOCK_C": block_c}
-            name = f"finalize {'HWD' if mode else 'CWD'}{' split' if split else ''}, N={batch} C={channels}"
-            warps = _triton_weighting._num_warps(images * block_c)
-            report(name, _triton_weighting.weighted_finalize_kernel, types, constexprs, warps)
+    print("| kernel | launched by | num_warps | registers | spill stores / loads (bytes) | programs per SM |")
+    print("|---|---|---|---|---|---|")
+    table: dict[tuple[str, str], tuple[Any, str, list[str]]] = {}
+    for dtype, (images, channels, length), (loss, mode) in itertools.product(
+        DTYPES, SHAPES, (("CWD", "uniform"), ("HWD", "hwd"))
+    ):
+        student = torch.empty(images * channels, length, dtype=DTYPES[dtype])
+        with recording() as launches:
+            _, coef, stats_s, stats_t = _triton_weighting.weighted_forward(
+                student, student, None, 4.0, channels, mode, 0.0, 0.5, "mean"
+            )
+            _triton_backend.backward(student, student, stats_s, stats_t, torch.ones(1), 4.0, coef=coef)
+        for launch in launches:
+            entry = table.setdefault(launch.key, (launch, describe(launch, dtype), []))
+            entry[2].append(f"{loss} {images}x{channels}x{length}")
+    # Launches that differ only in what Triton specialised (e.g. a row count divisible by 16 or not) and
+    # assemble to the same registers and spills are one row of the table.
+    rows: dict[tuple[str, int, int, str], list[str]] = {}
+    for launch, label, users in table.values():
+        compiled, _ = launch.compile()
+        info = ptxas_info(str(compiled.asm["ptx"]))
+        spills = f"{info['spill_stores']} / {info['spill_loads']}"
+        row = rows.setdefault((label, compiled.metadata.num_warps, info["registers"], spills), [])
+        row.extend(user for user in users if user not in row)
+    for (label, warps, registers, spills), users in rows.items():
+        per_sm = programs_per_sm(registers, warps)
+        print(f"| {label} | {', '.join(users)} | {warps} | {registers} | {spills} | {per_sm} |", flush=True)
 
 
 if __name__ == "__main__":

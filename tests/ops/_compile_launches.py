@@ -15,12 +15,14 @@ exits with status 3 and a message when this Triton lacks the internals used here
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET")
@@ -50,7 +52,7 @@ SHAPES = [
     (8, 19, 8192),  # Cityscapes at 64x128: 152 rows, split
     (8, 150, 4096),  # ADE20K at 64x64
     (16, 150, 16384),  # the largest benchmark shape
-    (1, 1100, 4),  # more channels than the finalize kernel's block: the PyTorch finalize takes over
+    (1, 1100, 4),  # more channels than one 1024-element step of the finalize kernel
 ]
 # Also run as views one element into their storage: pointers not divisible by 16, as slices of a tensor give.
 MISALIGNED_SHAPES = [(1, 3, 35), (8, 19, 8192)]
@@ -59,65 +61,100 @@ WEIGHTINGS = ["uniform", "hwd", "given"]
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-class _Recorder:
-    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the specialisation instead of launching."""
+class Launch(NamedTuple):
+    """One recorded launch: the kernel and what Triton's binder made of its arguments."""
 
-    def __init__(self, kernel: JITFunction, backend: Any, seen: dict[tuple[str, str], tuple[Any, ...]]) -> None:
-        self._kernel, self._backend, self._seen = kernel, backend, seen
+    kernel: JITFunction
+    bound: dict[str, Any]
+    specialization: list[tuple[str, Any]]
+    options: dict[str, Any]
+    kwargs: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Equal for launches that compile to the same program."""
+        return self.kernel.fn.__name__, repr((self.specialization, sorted(self.options.items())))
+
+    def compile(self) -> tuple[Any, dict[Any, Any]]:
+        """The compiled kernel for sm_90, and its constexprs (the specialised integers among them)."""
+        backend = make_backend(TARGET)
+        packed = self.kernel._pack_args(backend, self.kwargs, self.bound, self.specialization, self.options)
+        options, signature, constexprs, attrs = packed
+        source = ASTSource(self.kernel, signature, constexprs, attrs)
+        return triton.compile(source, target=TARGET, options=options.__dict__), constexprs
+
+
+class _Recorder:
+    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch instead of running it."""
+
+    def __init__(self, kernel: JITFunction, backend: Any, launches: list[Launch]) -> None:
+        self._kernel, self._backend, self._launches = kernel, backend, launches
 
     def __getitem__(self, grid: tuple[int, ...]) -> Any:
         def launch(*args: Any, **kwargs: Any) -> None:
             binder = create_function_from_signature(self._kernel.signature, self._kernel.params, self._backend)
             bound, specialization, options = binder(*args, **kwargs)
-            key = (self._kernel.fn.__name__, repr((specialization, sorted(options.items()))))
-            self._seen.setdefault(key, (self._kernel, bound, specialization, options, dict(kwargs)))
+            self._launches.append(Launch(self._kernel, bound, specialization, options, dict(kwargs)))
 
         return launch
 
 
-def record_launches() -> dict[tuple[str, str], tuple[Any, ...]]:
-    """Run every launcher path at ``SHAPES`` x ``DTYPES`` and return the distinct launches by specialisation."""
+@contextlib.contextmanager
+def recording(programs: int = H100_PROGRAMS) -> Iterator[list[Launch]]:
+    """Inside the block the launchers record their launches into the yielded list, splitting rows for ``programs``."""
     backend = make_backend(TARGET)
-    seen: dict[tuple[str, str], tuple[Any, ...]] = {}
-    _triton_backend._kernel_for = lambda kernel, device: _Recorder(kernel, backend, seen)  # type: ignore[assignment]
-    _triton_backend._target_programs = lambda device: H100_PROGRAMS  # type: ignore[assignment]
+    launches: list[Launch] = []
+    saved = _triton_backend._kernel_for, _triton_backend._target_programs
+    _triton_backend._kernel_for = lambda kernel, device: _Recorder(kernel, backend, launches)  # type: ignore[assignment]
+    _triton_backend._target_programs = lambda device: programs  # type: ignore[assignment]
+    try:
+        yield launches
+    finally:
+        _triton_backend._kernel_for, _triton_backend._target_programs = saved
+
+
+def record_launches() -> dict[tuple[str, str], Launch]:
+    """Run every launcher path at ``SHAPES`` x ``DTYPES`` (and the misaligned views); the distinct launches by key."""
     cases = [(shape, dtype, 0) for shape, dtype in itertools.product(SHAPES, DTYPES)]
     cases += [(shape, dtype, 1) for shape, dtype in itertools.product(MISALIGNED_SHAPES, DTYPES)]
-    for (images, channels, length), dtype, offset in cases:
-        rows = images * channels
-        student = torch.empty(offset + rows * length, dtype=dtype)[offset:].view(rows, length)
-        teacher = torch.empty(offset + rows * length, dtype=dtype)[offset:].view(rows, length)
-        for need_sqdist in (False, True):
-            _, _, stats_s, stats_t = _triton_backend.forward(student, teacher, 4.0, need_sqdist)
-        stat_dtype = stats_s.dtype
-        _triton_backend.backward(student, teacher, stats_s, stats_t, torch.empty(rows, dtype=stat_dtype), 4.0)
-        coef = torch.empty(rows, dtype=stat_dtype)
-        for grad_loss in (torch.empty(1, dtype=stat_dtype), torch.empty(rows, dtype=stat_dtype)):
-            _triton_backend.backward(student, teacher, stats_s, stats_t, grad_loss, 4.0, coef=coef)
-        weights = torch.empty(rows, dtype=stat_dtype)
-        for mode, reduction in itertools.product(WEIGHTINGS, REDUCTIONS):
-            given = weights if mode == "given" else None
-            _triton_weighting.weighted_forward(student, teacher, given, 4.0, channels, mode, 0.0, 0.5, reduction)
-    return seen
+    with recording() as launches:
+        for (images, channels, length), dtype, offset in cases:
+            rows = images * channels
+            student = torch.empty(offset + rows * length, dtype=dtype)[offset:].view(rows, length)
+            teacher = torch.empty(offset + rows * length, dtype=dtype)[offset:].view(rows, length)
+            for need_sqdist in (False, True):
+                _, _, stats_s, stats_t = _triton_backend.forward(student, teacher, 4.0, need_sqdist)
+            stat_dtype = stats_s.dtype
+            _triton_backend.backward(student, teacher, stats_s, stats_t, torch.empty(rows, dtype=stat_dtype), 4.0)
+            coef = torch.empty(rows, dtype=stat_dtype)
+            for grad_loss in (torch.empty(1, dtype=stat_dtype), torch.empty(rows, dtype=stat_dtype)):
+                _triton_backend.backward(student, teacher, stats_s, stats_t, grad_loss, 4.0, coef=coef)
+            weights = torch.empty(rows, dtype=stat_dtype)
+            for mode, reduction in itertools.product(WEIGHTINGS, REDUCTIONS):
+                given = weights if mode == "given" else None
+                _triton_weighting.weighted_forward(student, teacher, given, 4.0, channels, mode, 0.0, 0.5, reduction)
+    distinct: dict[tuple[str, str], Launch] = {}
+    for launch in launches:
+        distinct.setdefault(launch.key, launch)
+    return distinct
 
 
-_SEEN: list[tuple[str, tuple[Any, ...]]] = []  # filled before the workers fork, read by index in them
+_SEEN: list[Launch] = []  # filled before the workers fork, read by index in them
 
 
 def _compile(index: int) -> tuple[str, str, list[str]]:
-    """Compile the ``index``-th recorded launch as Triton's launcher would; return its name, summary and 1-args."""
-    name, (kernel, bound, specialization, options, kwargs) = _SEEN[index]
-    backend = make_backend(TARGET)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    """Compile the ``index``-th distinct launch; return its kernel's name, a summary and its arguments equal to 1."""
+    launch = _SEEN[index]
+    compiled, constexprs = launch.compile()
+    name = launch.kernel.fn.__name__
     assert compiled.asm.get("cubin"), f"no cubin for {name}"
-    ones = [kernel.arg_names[i] for (i,) in constexprs if not kernel.params[i].is_constexpr]
-    divisible = sum(1 for value in attrs.values() if value)
+    ones = [launch.kernel.arg_names[i] for (i,) in constexprs if not launch.kernel.params[i].is_constexpr]
+    divisible = sum(1 for kind in launch.specialization if len(kind) > 1 and kind[1] == "D")
     return name, f"{divisible} arguments divisible by 16; equal to 1: {', '.join(ones) or '-'}", ones
 
 
 def main() -> None:
-    _SEEN.extend((name, launch) for (name, _), launch in record_launches().items())
+    _SEEN.extend(record_launches().values())
     ones_by_kernel: dict[str, set[str]] = {}
     workers = min(4, os.cpu_count() or 1)  # compiling is CPU-bound Python and ptxas: one process per core
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
