@@ -47,6 +47,9 @@ SHAPES = {
     "paper": [(8, 19, 64, 128), (8, 150, 64, 64), (8, 171, 64, 64)],
     "small": [(8, 19, 64, 128), (8, 150, 64, 64)],
     "tiny": [(2, 19, 32, 32)],
+    # Rows whose length is not a multiple of 16 (Pascal VOC's 21 classes at 513x513 crops): the Triton kernels
+    # cannot use vector loads there (docs/kernel.md, registers).
+    "unaligned": [(8, 21, 65, 65)],
 }
 TAU, MU, BETA = 4.0, 0.0, 0.1
 

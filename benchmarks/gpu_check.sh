@@ -4,16 +4,19 @@
 #      includes the launch count of a CWD/HWD forward+backward),
 #   2. the ops and loss tests on CUDA (backend="auto" picks Triton there; not the sm_90 compile-only test,
 #      which the kernels' real compilation in 1. supersedes),
-#   3. the benchmark on all shapes, fp32 and bf16, CWD and HWD: a. without torch.compile, b. torch.compile.
+#   3. the benchmark on all shapes, fp32 and bf16, CWD and HWD: a. without torch.compile, b. torch.compile,
+#      c. rows not a multiple of 16 long (8x21x65x65), if time is left.
 # Outputs go under $OUT (default ./gpu_out): env.txt, pytest_triton.log, pytest_ops_losses.log,
-# bench_gpu.log / .json (3a) and bench_gpu_compile.log / .json (3b). Run from anywhere: `bash benchmarks/gpu_check.sh`.
+# bench_gpu.log / .json (3a), bench_gpu_compile.log / .json (3b) and bench_gpu_unaligned.log / .json (3c).
+# Run from anywhere: `bash benchmarks/gpu_check.sh`.
 #
 # It assumes a machine whose python3 already has a CUDA build of torch and Triton (the lent GPU
 # machines do, and cannot download anything). segkd is used from the source tree (PYTHONPATH=src),
 # so no install is needed; on a machine with internet, `pip install -e ".[test,triton]"` works too.
 # Steps that fail are reported and the script goes on, so one run gives every figure it can; the caps
-# (170 + 60 + 130 + 180 s) keep the whole run under the device tool's 600 s per command, and the benchmark
-# rewrites its JSON after every row, so a run cut short still leaves the rows it measured.
+# (170 + 60 + 130 + 180 s, then 3c in what is left of the device tool's 600 s per command) keep the whole run
+# within it, and the benchmark rewrites its JSON after every row, so a run cut short still leaves the rows it
+# measured.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -70,6 +73,11 @@ timeout -k 10 "${BENCH_TIMEOUT:-130}" "$PY" benchmarks/bench_channel_kl.py --dev
 echo "== 3b. benchmark, all shapes, torch.compile"
 timeout -k 10 "${COMPILE_TIMEOUT:-180}" "$PY" benchmarks/bench_channel_kl.py --device cuda --shapes all \
   --impls compile,segkd-torch --out "$OUT/bench_gpu_compile.json" 2>&1 | tee "$OUT/bench_gpu_compile.log" || status=1
+
+echo "== 3c. benchmark, rows not a multiple of 16 long, Triton and eager"
+timeout -k 5 "${UNALIGNED_TIMEOUT:-40}" "$PY" benchmarks/bench_channel_kl.py --device cuda --shapes unaligned \
+  --impls eager,segkd-triton,segkd-triton-whole --out "$OUT/bench_gpu_unaligned.json" 2>&1 \
+  | tee "$OUT/bench_gpu_unaligned.log" || status=1
 
 echo "gpu_check finished with status $status; outputs in $OUT"
 exit $status
