@@ -150,7 +150,9 @@ def _compile(index: int) -> tuple[str, str, list[str]]:
     assert compiled.asm.get("cubin"), f"no cubin for {name}"
     ones = [launch.kernel.arg_names[i] for (i,) in constexprs if not launch.kernel.params[i].is_constexpr]
     divisible = sum(1 for kind in launch.specialization if len(kind) > 1 and kind[1] == "D")
-    return name, f"{divisible} arguments divisible by 16; equal to 1: {', '.join(ones) or '-'}", ones
+    fused = compiled.metadata.enable_fp_fusion  # the launchers ask for FMA contraction whatever Triton's default
+    summary = f"{divisible} arguments divisible by 16; equal to 1: {', '.join(ones) or '-'}; fma: {fused}"
+    return name, summary, ones
 
 
 def main() -> None:

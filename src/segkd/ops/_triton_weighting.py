@@ -279,5 +279,6 @@ def _launch(
             IMAGES=images,
             BLOCK_C=block_c,
             num_warps=_num_warps(images * block_c),
+            enable_fp_fusion=_triton_backend.FP_FUSION,
         )
     return loss, coef
