@@ -85,14 +85,16 @@ class WeightedChannelKLFunction(torch.autograd.Function):
         backend: str,
         keep_direction: bool = False,
     ) -> Tensor:
-        settings = (weights, tau, channels, mode, mu, beta, reduction)
         keep_direction = keep_direction and backend == "torch"
-        if keep_direction:
+        if keep_direction:  # the torch backend also writes p_S - p_T (see keeps_direction)
             direction = _torch_backend.new_direction(student)
-            loss, coef = _forward_keeping_direction(student, teacher, *settings, direction)
+            kl, sqdist, _, _ = _torch_backend.forward(student, teacher, tau, mode == "hwd", direction=direction)
+            aux = sqdist if mode == "hwd" else weights
+            loss, coef = _weighting.finalize(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
             ctx.save_for_backward(direction, coef)
         else:
-            loss, coef, stats_s, stats_t = _forward_impl(student, teacher, *settings, backend)
+            arguments = (student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
+            loss, coef, stats_s, stats_t = _forward_impl(*arguments)
             ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
         remember_gradient_inputs(ctx, student, tau, backend, kept_direction=keep_direction)
         return loss
@@ -122,27 +124,9 @@ def _forward_impl(
     if backend == "triton":
         return _triton_weighting().weighted_forward(student, teacher, weights, tau, channels, mode, mu, beta, reduction)
     kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, mode == "hwd")
-    loss, coef = _weighting.finalize(
-        kl, sqdist if mode == "hwd" else weights, channels, mode, mu, beta, tau * tau, reduction
-    )
+    aux = sqdist if mode == "hwd" else weights
+    loss, coef = _weighting.finalize(kl, aux, channels, mode, mu, beta, tau * tau, reduction)
     return loss, coef, stats_s, stats_t
-
-
-def _forward_keeping_direction(
-    student: Tensor,
-    teacher: Tensor,
-    weights: Tensor | None,
-    tau: float,
-    channels: int,
-    mode: str,
-    mu: float,
-    beta: float,
-    reduction: str,
-    direction: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``(loss, coef)`` from the torch backend, which also writes ``p_S - p_T`` into ``direction``."""
-    kl, sqdist, _, _ = _torch_backend.forward(student, teacher, tau, mode == "hwd", direction=direction)
-    return _weighting.finalize(kl, sqdist if mode == "hwd" else weights, channels, mode, mu, beta, tau * tau, reduction)
 
 
 # ---------------------------------------------------------------------------------------------
