@@ -88,12 +88,12 @@ class _Recorder:
     """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch instead of running it."""
 
     def __init__(self, kernel: JITFunction, backend: Any, launches: list[Launch]) -> None:
-        self._kernel, self._backend, self._launches = kernel, backend, launches
+        self._kernel, self._launches = kernel, launches
+        self._binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 
     def __getitem__(self, grid: tuple[int, ...]) -> Any:
         def launch(*args: Any, **kwargs: Any) -> None:
-            binder = create_function_from_signature(self._kernel.signature, self._kernel.params, self._backend)
-            bound, specialization, options = binder(*args, **kwargs)
+            bound, specialization, options = self._binder(*args, **kwargs)
             self._launches.append(Launch(self._kernel, bound, specialization, options, dict(kwargs)))
 
         return launch
@@ -104,8 +104,15 @@ def recording(programs: int = H100_PROGRAMS) -> Iterator[list[Launch]]:
     """Inside the block the launchers record their launches into the yielded list, splitting rows for ``programs``."""
     backend = make_backend(TARGET)
     launches: list[Launch] = []
+    recorders: dict[Any, _Recorder] = {}
+
+    def recorder(kernel: JITFunction, device: torch.device) -> _Recorder:
+        if kernel not in recorders:
+            recorders[kernel] = _Recorder(kernel, backend, launches)
+        return recorders[kernel]
+
     saved = _triton_backend._kernel_for, _triton_backend._target_programs
-    _triton_backend._kernel_for = lambda kernel, device: _Recorder(kernel, backend, launches)  # type: ignore[assignment]
+    _triton_backend._kernel_for = recorder  # type: ignore[assignment]
     _triton_backend._target_programs = lambda device: programs  # type: ignore[assignment]
     try:
         yield launches
