@@ -39,18 +39,15 @@ from torch import Tensor
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # effective only if nothing imported Triton earlier
 
+from segkd.losses.adversarial import skd_discriminator_hinge_loss, skd_generator_hinge_loss
 from segkd.losses.cirkd import CIRKDLoss, CIRKDMemoryLoss, cirkd_memory_kl, cirkd_minibatch_loss
 from segkd.losses.cwd import cwd_loss
 from segkd.losses.dist import dist_loss
 from segkd.losses.hwd import hwd_loss, hwd_weights, hwd_weights_from_divergence
 from segkd.losses.ifvd import ifvd_loss
+from segkd.losses.kd import pixel_kd_loss
 from segkd.losses.mgd import MGDLoss, mgd_mask
-from segkd.losses.skd import (
-    pixel_kd_loss,
-    skd_discriminator_hinge_loss,
-    skd_generator_hinge_loss,
-    skd_pairwise_loss,
-)
+from segkd.losses.skd import skd_pairwise_loss
 from segkd.ops.channel_kl import available_backends, channel_kl
 from segkd.ops.weighted_kl import weighted_channel_kl
 from segkd.testing import strategies as sks

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from segkd.losses.adversarial import skd_discriminator_hinge_loss
 from segkd.losses.cirkd import CIRKDLoss, cirkd_memory_kl, cirkd_minibatch_loss
 from segkd.losses.ifvd import ifvd_loss
-from segkd.losses.skd import pixel_kd_loss, skd_discriminator_hinge_loss, skd_pairwise_loss
+from segkd.losses.kd import pixel_kd_loss
+from segkd.losses.skd import skd_pairwise_loss
 
 
 def _old_pixel_kd_terms(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from segkd.losses.skd import (
-    KDLoss,
+from segkd.losses.adversarial import (
     SKDDiscriminator,
-    SKDLoss,
     _SelfAttention,
-    pixel_kd_loss,
     skd_discriminator_hinge_loss,
     skd_generator_hinge_loss,
-    skd_pairwise_loss,
 )
+from segkd.losses.kd import KDLoss, pixel_kd_loss
+from segkd.losses.skd import SKDLoss, skd_pairwise_loss
 from segkd.testing import strategies as sks
 from segkd.testing.checks import check_distillation_loss
 from segkd.testing.reference.skd import (

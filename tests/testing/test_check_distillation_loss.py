@@ -20,8 +20,9 @@ from segkd.losses.cwd import CWDLoss, cwd_loss
 from segkd.losses.dist import DISTLoss
 from segkd.losses.hwd import HWDLoss
 from segkd.losses.ifvd import IFVDLoss
+from segkd.losses.kd import KDLoss
 from segkd.losses.mgd import MGDLoss
-from segkd.losses.skd import KDLoss, SKDLoss, skd_pairwise_loss
+from segkd.losses.skd import SKDLoss, skd_pairwise_loss
 from segkd.testing.checks import PROPERTIES, CheckReport, LossCheckError, check_distillation_loss
 from segkd.testing.reference import cwd_loss_reference, hwd_loss_reference
 from segkd.testing.reference.cirkd import cirkd_minibatch_loss_reference

@@ -27,9 +27,10 @@ from segkd.losses._cirkd_memory import (
     resize_labels_nearest,
     sample_queue,
 )
+from segkd.losses._dtypes import compute_dtype
 from segkd.losses._reduction import reduce_terms
 from segkd.losses._vectors import unit_vectors
-from segkd.losses.skd import pixel_kd_loss
+from segkd.losses.kd import pixel_kd_loss
 
 __all__ = [
     "CIRKDLoss",
@@ -42,13 +43,8 @@ __all__ = [
 Reduction = Literal["mean", "sum", "none"]
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    # fp32 accumulation for half inputs; fp64 stays fp64.
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _full_precision(reference: Tensor) -> torch.autocast:
-    # The similarities are computed in the dtype chosen by _compute_dtype, autocast or not.
+    # The similarities are computed in the dtype chosen by compute_dtype, autocast or not.
     return torch.autocast(device_type=reference.device.type, enabled=False)
 
 
@@ -151,7 +147,7 @@ def cirkd_minibatch_loss(
     tau = _checks.check_positive(tau, "tau")
     if pool is not None:
         pool = _checks.check_positive_int(pool, "pool")
-    dtype = _compute_dtype(student_feat, teacher_feat)
+    dtype = compute_dtype(student_feat, teacher_feat)
     student = student_feat.to(dtype)
     teacher = teacher_feat.detach().to(dtype)
     if pool is not None and pool > 1:
@@ -302,7 +298,7 @@ def cirkd_memory_kl(
     _checks.check_finite_if_enabled(student_embed, "student_embed")
     _checks.check_finite_if_enabled(teacher_embed, "teacher_embed")
 
-    dtype = _compute_dtype(student_embed, teacher_embed)
+    dtype = compute_dtype(student_embed, teacher_embed)
     labels = resize_labels_nearest(labels, (student_embed.shape[2], student_embed.shape[3]))
     anchors = (labels != ignore_index).flatten()
     student = unit_vectors(student_embed.to(dtype)).permute(0, 2, 3, 1).reshape(-1, dim)[anchors]
@@ -504,7 +500,7 @@ class CIRKDMemoryLoss(nn.Module):
         """
         _checks.check_label_values(labels, self.num_classes, self.ignore_index)
         features = concat_all_gather(
-            F.normalize(teacher.detach().to(_compute_dtype(teacher, self.pixel_queue)), p=2, dim=1)
+            F.normalize(teacher.detach().to(compute_dtype(teacher, self.pixel_queue)), p=2, dim=1)
         )
         labels = concat_all_gather(labels)
         enqueue_regions(self.region_queue, self.region_queue_ptr, features, labels, self.ignore_index)
@@ -565,7 +561,7 @@ class CIRKDLoss(nn.Module):
 
     with :math:`L_{kd} = \tau^2 \frac{1}{NHW}\sum \mathrm{KL}(\mathrm{softmax}(t/\tau) \| \mathrm{softmax}(s/\tau))`
     per pixel over classes on logits, over every pixel as the original
-    (:func:`segkd.losses.skd.pixel_kd_loss`), :math:`L_{\text{mb}}` from :func:`cirkd_minibatch_loss`
+    (:func:`segkd.losses.kd.pixel_kd_loss`), :math:`L_{\text{mb}}` from :func:`cirkd_minibatch_loss`
     (raw features) and :math:`L_{\text{p2p}}, L_{\text{p2r}}` from :class:`CIRKDMemoryLoss` (projected
     student features against the teacher queues). The task loss (cross-entropy) is not included.
 
@@ -689,7 +685,7 @@ class CIRKDLoss(nn.Module):
         _check_features(student_feat, teacher_feat)
         _checks.check_same_device(student_logits, student_feat, "student_logits", "student_feat")
         _checks.check_dim_size(student_feat, "student_feat", 0, student_logits.shape[0], "batch size of the logits")
-        zero = student_feat.new_zeros((), dtype=_compute_dtype(student_feat, teacher_feat))
+        zero = student_feat.new_zeros((), dtype=compute_dtype(student_feat, teacher_feat))
         terms = {"kd": zero, "minibatch": zero, "memory_pixel": zero, "memory_region": zero}
         if self.kd_weight > 0:
             terms["kd"] = self.kd_weight * pixel_kd_loss(student_logits, teacher_logits, self.kd_tau)
