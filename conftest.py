@@ -29,3 +29,22 @@ settings.load_profile(os.environ.get("SEGKD_HYPOTHESIS_PROFILE", "ci"))
 
 # Helper scripts that tests launch as subprocesses: not test modules, and not importable as doctests.
 collect_ignore_glob = ["tests/examples/_launch*.py", "tests/ops/_compile_*.py"]
+
+
+def pytest_report_header() -> str:
+    """Name the CPU kernel set in the session header: a failure report says which kernels it ran on."""
+    import torch
+
+    return f"torch {torch.__version__}, CPU kernels: {torch.backends.cpu.get_cpu_capability()}"
+
+
+def pytest_configure() -> None:
+    """Refuse to run under an ``ATEN_CPU_CAPABILITY`` that PyTorch did not take: that run would test nothing new."""
+    wanted = os.environ.get("ATEN_CPU_CAPABILITY")
+    if wanted:
+        import pytest
+        import torch
+
+        used = torch.backends.cpu.get_cpu_capability()
+        if used.replace(" ", "_").lower() != wanted.lower():
+            raise pytest.UsageError(f"ATEN_CPU_CAPABILITY={wanted} was asked for, but PyTorch uses {used} kernels")

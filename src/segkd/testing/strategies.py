@@ -19,7 +19,7 @@ Example:
     ... @given(pair=sks.logit_pairs(sks.segmentation_shapes(max_channels=4, max_side=5)))
     ... def test_cwd_is_non_negative(pair):
     ...     student, teacher = pair
-    ...     assert cwd_loss(student, teacher) >= -1e-6
+    ...     assert cwd_loss(student, teacher) >= 0  # segkd clamps each channel's KL at 0
     >>> test_cwd_is_non_negative()
 """
 
