@@ -61,7 +61,7 @@ def test_link_pattern_finds_links_and_skips_code() -> None:
 
 
 def markdown_files() -> list[Path]:
-    return sorted([*DOCS.glob("*.md"), *DOCS.glob("losses/*.md"), ROOT / "README.md"])
+    return sorted([*DOCS.glob("*.md"), *DOCS.glob("losses/*.md"), *DOCS.glob("design/*.md"), ROOT / "README.md"])
 
 
 def relative_links(path: Path) -> list[str]:
