@@ -51,7 +51,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kd-weight": ("kd_weight", {"type": float, "help": "lambda of the KD term (default: the paper's)"}),
     "--max-iters": ("max_iters", {"type": int}),
     "--batch-size": ("batch_size", {"type": int, "help": "GLOBAL batch size, split over the processes"}),
-    "--crop-size": ("crop_size", {"type": int, "nargs": "+", "metavar": "N", "help": "H [W]"}),
+    "--crop-size": ("crop_size", {"type": int, "nargs": "+", "metavar": "N", "help": "H [W]; one number: square"}),
     "--lr": ("lr", {"type": float}),
     "--eval-every": ("eval_every", {"type": int}),
     "--eval-mode": ("eval_mode", {"choices": ("whole", "slide")}),

@@ -21,6 +21,7 @@ __all__ = [
     "AMP_MODES",
     "EVAL_MODES",
     "METHODS",
+    "PAIR_KEYS",
     "ConfigError",
     "TrainConfig",
     "apply_overrides",
@@ -30,6 +31,8 @@ __all__ = [
     "parse_override",
 ]
 
+#: Keys that hold a pair (``[height, width]`` or ``[low, high]``); one number stands for both.
+PAIR_KEYS = ("crop_size", "eval_crop", "eval_stride", "scale_range")
 METHODS = ("none", "hwd", "cwd", "dist", "skd", "ifvd", "mgd", "cirkd")
 AMP_MODES = ("none", "bf16", "fp16")
 EVAL_MODES = ("whole", "slide")
@@ -120,7 +123,9 @@ class TrainConfig:
         for key in ("crop_size", "eval_crop", "eval_stride"):
             value = getattr(self, key)
             if value is not None and (len(value) != 2 or min(value) < 1):
-                raise ConfigError(f"Expected `{key}` to be two positive ints [height, width], got {value}.")
+                raise ConfigError(
+                    f"Expected `{key}` to be one positive int (a square) or two [height, width], got {value}."
+                )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"Expected `scale_range` to be [low, high] with 0 < low <= high, got {self.scale_range}.")
         if self.eval_mode == "slide" and self.eval_crop is None:
@@ -183,11 +188,14 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value)
         if origin is list:
             (item,) = typing.get_args(hint)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value, value]  # a single crop size means a square
             if isinstance(value, str):
                 value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            return [item(v) for v in value]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            values = [item(v) for v in value]
+            if key in PAIR_KEYS and len(values) == 1:
+                values = values * 2  # one number means a square crop/window (or a fixed scale)
+            return values
         if origin is dict:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"Expected `{key}` to be a mapping, got {value!r}.")
