@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Config file, then named flags, then ``--set`` overrides; validated."""
+    """Config file, then named flags, then ``--set`` overrides; validated (also against the method's input sizes)."""
     cfg = load_config(args.config) if args.config else config_from_dict({})
     flags = [(key, getattr(args, key)) for key, _ in _FLAGS.values() if getattr(args, key) is not None]
     for key in ("train_teacher", "channels_last", "deterministic", "progress", "tensorboard"):
@@ -100,7 +100,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             flags.append((key, getattr(args, key)))
     apply_overrides(cfg, flags)
     apply_overrides(cfg, args.overrides)
-    return cfg.validate()
+    cfg.validate()
+    from segkd_examples.methods import check_input_size  # imports torch: not needed for --help
+
+    check_input_size(cfg)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

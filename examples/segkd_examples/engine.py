@@ -30,7 +30,7 @@ from segkd_examples import checkpoint as ckpt
 from segkd_examples.config import ConfigError, TrainConfig, config_to_dict
 from segkd_examples.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from segkd_examples.logging_utils import MetricsLog, Progress
-from segkd_examples.methods import Distiller, build_distiller, model_info, resolve_kd
+from segkd_examples.methods import Distiller, build_distiller, check_input_size, model_info, resolve_kd
 from segkd_examples.metrics import check_label_range, evaluate, format_iou_table
 
 __all__ = [
@@ -345,6 +345,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         FloatingPointError: a non-finite loss (the iteration is named).
     """
     cfg.validate()
+    check_input_size(cfg)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(
             f"Expected the global `batch_size` ({cfg.batch_size}) to be divisible by the number of processes "
