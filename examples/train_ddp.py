@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of known errors too (bad config, checkpoint or data file); also SEGKD_DEBUG=1",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -117,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         build_parser().error(str(exc))
     from segkd_examples.distributed import init_distributed, run_guarded
     from segkd_examples.engine import train
+    from segkd_examples.failures import debug_requested, is_known_error
 
     def job() -> dict[str, Any]:
         dist = init_distributed(timeout_s=cfg.dist_timeout, device=args.device)
@@ -129,7 +135,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         return result
 
-    return run_guarded(job, teardown_timeout_s=min(30.0, cfg.dist_timeout))
+    debug = debug_requested(args.debug)
+    try:
+        return run_guarded(job, teardown_timeout_s=min(30.0, cfg.dist_timeout), debug=debug)
+    except Exception as exc:
+        if debug or not is_known_error(exc):
+            raise
+        raise SystemExit(1) from None  # run_guarded printed the one-line message
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class _LogitDistiller(Distiller):
 def _kwargs(params: Mapping[str, Any], allowed: tuple[str, ...], method: str) -> dict[str, Any]:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown `kd` parameter(s) {unknown} for method {method!r}; expected some of {list(allowed)}."
         )
     return dict(params)
@@ -321,7 +321,7 @@ def resolve_kd(
     ``kd_weight=None`` means the method's paper weight; ``kd`` entries replace the default parameters one by one.
     """
     if method not in PAPER_DEFAULTS:
-        raise ValueError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+        raise ConfigError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
     weight, params = PAPER_DEFAULTS[method]
     params = dict(params)
     if method == "hwd":
@@ -422,17 +422,18 @@ def build_distiller(method: str, student_info: ModelInfo, teacher_info: ModelInf
         The distiller module.
 
     Raises:
-        ValueError: unknown method, unknown ``kd`` parameter, or classes that differ between student and teacher.
+        ConfigError: (a ``ValueError``) unknown method, unknown ``kd`` parameter, or classes that differ between
+            the student and the teacher.
         ImportError: the method's loss is not in this segkd installation.
     """
     if method not in METHODS:
-        raise ValueError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+        raise ConfigError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
     if method == "none":
         return NoDistiller()
     if teacher_info is None:
-        raise ValueError(f"Method {method!r} needs a teacher.")
+        raise ConfigError(f"Method {method!r} needs a teacher.")
     if student_info.num_classes != teacher_info.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"Expected the student and the teacher to predict the same number of classes, got "
             f"{student_info.num_classes} and {teacher_info.num_classes}."
         )
