@@ -52,7 +52,7 @@ class TrainConfig:
     crop_size: list[int] = dataclasses.field(default_factory=lambda: [512, 512])
     scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
-    workers: int = 4
+    workers: int | None = None  # per rank; None: min(4, usable CPUs // processes on this machine)
     synthetic_length: int = 64
     synthetic_val_length: int = 16
     synthetic_size: int = 64
@@ -114,8 +114,8 @@ class TrainConfig:
             raise ConfigError(f"Expected `ckpt_every` to be >= 1 or null, got {self.ckpt_every}.")
         if self.kd_weight is not None and not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
             raise ConfigError(f"Expected `kd_weight` to be a finite number >= 0 or null, got {self.kd_weight}.")
-        if self.workers < 0:
-            raise ConfigError(f"Expected `workers` to be >= 0, got {self.workers}.")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"Expected `workers` to be >= 0 or null (the machine's default), got {self.workers}.")
         for key in ("lr", "dist_timeout"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
