@@ -102,3 +102,32 @@ def test_the_check_agrees_with_the_discriminator(side):
             check_input_size(cfg)
         with pytest.raises(ValueError, match="64"):
             disc(logits)
+
+
+def test_the_command_in_docs_pipeline_md_passes_the_check_with_the_discriminator_on():
+    import re
+    import shlex
+
+    from segkd_examples.methods import resolve_kd
+
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    commands = [" ".join(block.replace("\\\n", " ").split()) for block in blocks]
+    (command,) = [c for c in commands if "synthetic_skd.yaml" in c and "synthetic_size" in c]
+    train_ddp = _train_ddp()
+    cfg = train_ddp.resolve_config(
+        train_ddp.build_parser().parse_args(shlex.split(command.split("train_ddp.py", 1)[1]))
+    )
+    _, params = resolve_kd(cfg.method, cfg.dataset, cfg.kd_weight, cfg.kd)
+    assert (cfg.method, cfg.synthetic_size) == ("skd", 512)
+    assert params["adversarial_weight"] == 0.001
+    assert params["discriminator_weight"] == 0.1
+
+
+def _train_ddp():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_ddp", ROOT / "examples" / "train_ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
