@@ -59,7 +59,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--resume": ("resume", {"metavar": "PATH|auto", "help": "a last.pt, or 'auto' for <out>/last.pt if present"}),
     "--amp": ("amp", {"choices": AMP_MODES}),
     "--seed": ("seed", {"type": int}),
-    "--workers": ("workers", {"type": int}),
+    "--workers": ("workers", {"type": int, "help": "data-loader processes per rank (default: min(4, CPUs // ranks))"}),
 }
 
 

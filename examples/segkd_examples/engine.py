@@ -349,7 +349,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     """Run (or resume) one training job on this rank and return its summary.
 
     Raises:
-        ConfigError: inconsistent settings (batch not divisible by the world size, a KD method without a teacher).
+        ConfigError: inconsistent settings (batch not divisible by the world size, a KD method without a teacher,
+            images too small for the method's discriminator).
         segkd_examples.checkpoint.CheckpointError: unreadable or mismatching checkpoints.
         FloatingPointError: a non-finite loss (the iteration is named).
     """
