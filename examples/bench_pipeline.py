@@ -52,7 +52,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="bf16")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=None, help="data-loader processes (default: min(4, usable CPUs))"
+    )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     args = parser.parse_args(argv)
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results.append({"measurement": "models", **common, "s_per_step": seconds, "images_per_s": n / seconds})
 
     # 2. the pipeline's step with data loading and the KD term
-    from segkd_examples.data import build_dataset
+    from segkd_examples.data import build_dataset, default_workers
 
     cfg = config_from_dict(
         {
@@ -133,14 +135,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         synthetic_size=size,
         synthetic_classes=min(args.classes, 8),
     )
+    workers = default_workers() if args.workers is None else args.workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=n,
         shuffle=True,
-        num_workers=args.workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=True,
-        persistent_workers=args.workers > 0,
+        persistent_workers=workers > 0,
     )
     batches = iter(loader)
 
@@ -170,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             **common,
             "s_per_step": seconds,
             "images_per_s": n / seconds,
-            "workers": args.workers,
+            "workers": workers,
         }
     )
     for r in results:

@@ -7,7 +7,8 @@ writes, under ``--out``:
   baseline of the same dataset and student, number of runs, iterations done; several seeds of a row are
   averaged, ``--per-run`` lists them apart), the plots below, and every warning raised while reading;
 * ``curves/<dataset>_<student>_<method>[_N].png``: per run, the mIoU and each loss term against the iteration;
-* ``miou_<dataset>_<student>.png``: the mIoU curves of all runs of one dataset and student, overlaid.
+* ``miou_<dataset>_<student>.png``: the mIoU curves of one dataset and student, one colour per method: the
+  mean over the method's runs (seeds) as a line, their min-max range as a band.
 
 Runs still in progress, runs without any evaluation yet, records with missing values and lines that are not
 JSON (a run killed in the middle of a write) are reported with a warning, never a crash.
@@ -342,7 +343,11 @@ def _new_figure(size: tuple[float, float]) -> Any:
 
 
 def plot_run(run: Run, path: Path, title: str) -> Path:
-    """Write one run's curves: a panel for the mIoU and one per loss term, :data:`PANEL_COLUMNS` to a row."""
+    """Write one run's curves: a panel for the mIoU and one per loss term, :data:`PANEL_COLUMNS` to a row.
+
+    The curves have the colour of the run's method (:func:`method_colours`), as in the mIoU overlay.
+    """
+    colour = method_colours([run.method])[run.method]
     names = ["mIoU", *sorted(run.losses)]
     columns = min(PANEL_COLUMNS, len(names))
     rows = math.ceil(len(names) / columns)
@@ -352,7 +357,7 @@ def plot_run(run: Run, path: Path, title: str) -> Path:
         points = [(i, 100 * v) for i, v in run.evals] if name == "mIoU" else run.losses[name]
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o" if len(points) < 30 else None, markersize=3)
+            ax.plot(xs, ys, color=colour, marker="o" if len(points) < 30 else None, markersize=3)
         else:
             ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{name} (%)" if name == "mIoU" else name)
@@ -366,14 +371,73 @@ def plot_run(run: Run, path: Path, title: str) -> Path:
     return path
 
 
-def plot_group(runs: Sequence[Run], labels: Sequence[str], path: Path, title: str) -> Path:
-    """Write the mIoU curves of several runs (one dataset and student) on one axis."""
-    figure = _new_figure(OVERLAY_SIZE)
-    ax = figure.subplots()
+@dataclasses.dataclass(frozen=True)
+class MethodCurve:
+    """The mIoU of one method's runs (seeds) against the iteration.
+
+    Attributes:
+        label: the method (or the run's label when its config is unknown).
+        runs: how many runs have at least one evaluation.
+        iterations: every iteration at which some run was evaluated, ascending.
+        mean, low, high: mean, minimum and maximum mIoU (%) over the runs evaluated at that iteration.
+    """
+
+    label: str
+    runs: int
+    iterations: list[int]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def method_curves(runs: Sequence[Run], labels: Sequence[str]) -> list[MethodCurve]:
+    """One :class:`MethodCurve` per method, in Table II order; runs of unknown config stay apart (their label)."""
+    grouped: dict[str, list[Run]] = {}
     for run, label in zip(runs, labels, strict=True):
         if run.evals:
-            xs, ys = zip(*[(i, 100 * v) for i, v in run.evals], strict=True)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            grouped.setdefault(label if run.method == UNKNOWN else run.method, []).append(run)
+    curves = []
+    for key in sorted(grouped, key=lambda k: _order(k, METHOD_ORDER)):
+        at: dict[int, list[float]] = {}
+        for run in grouped[key]:
+            for iteration, miou in run.evals:
+                at.setdefault(iteration, []).append(100 * miou)
+        iterations = sorted(at)
+        curves.append(
+            MethodCurve(
+                label=key,
+                runs=len(grouped[key]),
+                iterations=iterations,
+                mean=[sum(at[i]) / len(at[i]) for i in iterations],
+                low=[min(at[i]) for i in iterations],
+                high=[max(at[i]) for i in iterations],
+            )
+        )
+    return curves
+
+
+def method_colours(methods: Iterable[str]) -> dict[str, str]:
+    """A fixed colour per method (Matplotlib's ``tab10``, in :data:`METHOD_ORDER`), the same in every plot."""
+    palette = [f"C{k}" for k in range(10)]
+    extra = [m for m in dict.fromkeys(methods) if m not in METHOD_ORDER]
+    colours = {m: palette[k % len(palette)] for k, m in enumerate(METHOD_ORDER)}
+    colours.update({m: palette[(len(METHOD_ORDER) + k) % len(palette)] for k, m in enumerate(extra)})
+    return colours
+
+
+def plot_group(runs: Sequence[Run], labels: Sequence[str], path: Path, title: str) -> Path:
+    """Write the mIoU curves of one dataset and student: per method, the mean over its runs and a min-max band."""
+    figure = _new_figure(OVERLAY_SIZE)
+    ax = figure.subplots()
+    curves = method_curves(runs, labels)
+    colours = method_colours(curve.label for curve in curves)
+    for curve in curves:
+        colour = colours[curve.label]
+        marker = "o" if len(curve.iterations) < 30 else None
+        label = curve.label if curve.runs == 1 else f"{curve.label} (mean of {curve.runs} runs, band: min-max)"
+        ax.plot(curve.iterations, curve.mean, color=colour, marker=marker, markersize=3, label=label)
+        if curve.runs > 1:
+            ax.fill_between(curve.iterations, curve.low, curve.high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("iteration")
     ax.set_ylabel("mIoU (%)")
     ax.set_title(title)
@@ -428,6 +492,9 @@ def write_report(
         "empty, so they read about 6% lower than a 171-class mIoU; see docs/reproduce.md).",
         "",
         "## Training curves",
+        "",
+        "mIoU plots: one colour per method; the line is the mean over the method's runs (seeds), the shaded band "
+        "their min-max range (at each evaluation, over the runs evaluated there).",
         "",
         *[f"{figure}\n" for figure in figures],
     ]

@@ -51,7 +51,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--kd-weight": ("kd_weight", {"type": float, "help": "lambda of the KD term (default: the paper's)"}),
     "--max-iters": ("max_iters", {"type": int}),
     "--batch-size": ("batch_size", {"type": int, "help": "GLOBAL batch size, split over the processes"}),
-    "--crop-size": ("crop_size", {"type": int, "nargs": "+", "metavar": "N", "help": "H [W]"}),
+    "--crop-size": ("crop_size", {"type": int, "nargs": "+", "metavar": "N", "help": "H [W]; one number: square"}),
     "--lr": ("lr", {"type": float}),
     "--eval-every": ("eval_every", {"type": int}),
     "--eval-mode": ("eval_mode", {"choices": ("whole", "slide")}),
@@ -59,7 +59,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--resume": ("resume", {"metavar": "PATH|auto", "help": "a last.pt, or 'auto' for <out>/last.pt if present"}),
     "--amp": ("amp", {"choices": AMP_MODES}),
     "--seed": ("seed", {"type": int}),
-    "--workers": ("workers", {"type": int}),
+    "--workers": ("workers", {"type": int, "help": "data-loader processes per rank (default: min(4, CPUs // ranks))"}),
 }
 
 
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tensorboard", dest="tensorboard", action="store_true", default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of known errors too (bad config, checkpoint or data file); also SEGKD_DEBUG=1",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -92,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """Config file, then named flags, then ``--set`` overrides; validated."""
+    """Config file, then named flags, then ``--set`` overrides; validated (also against the method's input sizes)."""
     cfg = load_config(args.config) if args.config else config_from_dict({})
     flags = [(key, getattr(args, key)) for key, _ in _FLAGS.values() if getattr(args, key) is not None]
     for key in ("train_teacher", "channels_last", "deterministic", "progress", "tensorboard"):
@@ -100,7 +105,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             flags.append((key, getattr(args, key)))
     apply_overrides(cfg, flags)
     apply_overrides(cfg, args.overrides)
-    return cfg.validate()
+    cfg.validate()
+    from segkd_examples.methods import check_input_size  # imports torch: not needed for --help
+
+    check_input_size(cfg)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -113,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         build_parser().error(str(exc))
     from segkd_examples.distributed import init_distributed, run_guarded
     from segkd_examples.engine import train
+    from segkd_examples.failures import debug_requested, is_known_error
 
     def job() -> dict[str, Any]:
         dist = init_distributed(timeout_s=cfg.dist_timeout, device=args.device)
@@ -125,7 +135,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )
         return result
 
-    return run_guarded(job, teardown_timeout_s=min(30.0, cfg.dist_timeout))
+    debug = debug_requested(args.debug)
+    try:
+        return run_guarded(job, teardown_timeout_s=min(30.0, cfg.dist_timeout), debug=debug)
+    except Exception as exc:
+        if debug or not is_known_error(exc):
+            raise
+        raise SystemExit(1) from None  # run_guarded printed the one-line message
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def _dataset_body(dataset: str) -> list[tuple[str, Any, str]]:
         ("crop_size", [512, 512], "Cityscapes option: [512, 1024] (CIRKD's crop)" if dataset == "cityscapes" else ""),
         ("scale_range", [0.5, 2.0], ""),
         ("flip", True, ""),
-        ("workers", 4, ""),
+        ("workers", None, "per rank; null: min(4, usable CPUs // processes on this machine)"),
     ]
 
 

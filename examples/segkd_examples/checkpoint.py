@@ -90,12 +90,19 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
         The loaded mapping.
 
     Raises:
-        CheckpointError: missing, empty, truncated or corrupt file, a file that needs pickled Python objects
-            (refused because loading it could run code), or a file that is not a mapping.
+        CheckpointError: missing, empty, truncated, corrupt or unreadable file (text or any other data that is
+            not a checkpoint), a directory, a file that needs pickled Python objects (refused because loading it
+            could run code), or a file that is not a mapping; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth"))[:5]
+        hint = f"; it holds {', '.join(inside)}" if inside else ""
+        raise CheckpointError(f"The {what} {path} is a directory, expected a checkpoint file{hint}.")
+    if not path.exists():
         raise CheckpointError(f"The {what} {path} does not exist.")
+    if not path.is_file():
+        raise CheckpointError(f"The {what} {path} is not a regular file (a device, socket or pipe).")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"The {what} {path} is empty (0 bytes): it was probably cut off while being written.")
@@ -114,9 +121,16 @@ def load_checkpoint(path: str | os.PathLike[str], *, what: str = "checkpoint") -
         raise CheckpointError(
             f"The {what} {path} ({size} bytes) is corrupt or not a PyTorch checkpoint and cannot be read: {why}"
         ) from None
+    except PermissionError as exc:
+        raise CheckpointError(f"The {what} {path} cannot be read: {exc.strerror}.") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(
             f"The {what} {path} ({size} bytes) is truncated or corrupt and cannot be read: {exc}"
+        ) from None
+    except Exception as exc:  # the unpickler fails on text and other garbage with any error type
+        raise CheckpointError(
+            f"The {what} {path} ({size} bytes) is not a PyTorch checkpoint (a text file or other data?) and cannot "
+            f"be read: {type(exc).__name__}: {exc}"
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"The {what} {path} holds a {type(data).__name__}, expected a mapping of named entries.")

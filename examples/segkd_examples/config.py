@@ -21,6 +21,7 @@ __all__ = [
     "AMP_MODES",
     "EVAL_MODES",
     "METHODS",
+    "PAIR_KEYS",
     "ConfigError",
     "TrainConfig",
     "apply_overrides",
@@ -30,6 +31,8 @@ __all__ = [
     "parse_override",
 ]
 
+#: Keys that hold a pair (``[height, width]`` or ``[low, high]``); one number stands for both.
+PAIR_KEYS = ("crop_size", "eval_crop", "eval_stride", "scale_range")
 METHODS = ("none", "hwd", "cwd", "dist", "skd", "ifvd", "mgd", "cirkd")
 AMP_MODES = ("none", "bf16", "fp16")
 EVAL_MODES = ("whole", "slide")
@@ -49,7 +52,7 @@ class TrainConfig:
     crop_size: list[int] = dataclasses.field(default_factory=lambda: [512, 512])
     scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
     flip: bool = True
-    workers: int = 4
+    workers: int | None = None  # per rank; None: min(4, usable CPUs // processes on this machine)
     synthetic_length: int = 64
     synthetic_val_length: int = 16
     synthetic_size: int = 64
@@ -111,8 +114,8 @@ class TrainConfig:
             raise ConfigError(f"Expected `ckpt_every` to be >= 1 or null, got {self.ckpt_every}.")
         if self.kd_weight is not None and not (math.isfinite(self.kd_weight) and self.kd_weight >= 0):
             raise ConfigError(f"Expected `kd_weight` to be a finite number >= 0 or null, got {self.kd_weight}.")
-        if self.workers < 0:
-            raise ConfigError(f"Expected `workers` to be >= 0, got {self.workers}.")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"Expected `workers` to be >= 0 or null (the machine's default), got {self.workers}.")
         for key in ("lr", "dist_timeout"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
@@ -120,7 +123,9 @@ class TrainConfig:
         for key in ("crop_size", "eval_crop", "eval_stride"):
             value = getattr(self, key)
             if value is not None and (len(value) != 2 or min(value) < 1):
-                raise ConfigError(f"Expected `{key}` to be two positive ints [height, width], got {value}.")
+                raise ConfigError(
+                    f"Expected `{key}` to be one positive int (a square) or two [height, width], got {value}."
+                )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"Expected `scale_range` to be [low, high] with 0 < low <= high, got {self.scale_range}.")
         if self.eval_mode == "slide" and self.eval_crop is None:
@@ -183,11 +188,14 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value)
         if origin is list:
             (item,) = typing.get_args(hint)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value, value]  # a single crop size means a square
             if isinstance(value, str):
                 value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-            return [item(v) for v in value]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            values = [item(v) for v in value]
+            if key in PAIR_KEYS and len(values) == 1:
+                values = values * 2  # one number means a square crop/window (or a fixed scale)
+            return values
         if origin is dict:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"Expected `{key}` to be a mapping, got {value!r}.")

@@ -163,24 +163,33 @@ def cleanup(*, timeout_s: float = 10.0) -> None:
         done.set()
 
 
-def run_guarded(fn: Callable[[], T], *, teardown_timeout_s: float = 10.0) -> T:
+def run_guarded(fn: Callable[[], T], *, teardown_timeout_s: float = 10.0, debug: bool = False) -> T:
     """Run ``fn``; on any exception log it with this rank's number, tear the group down and re-raise.
 
     The message goes to stderr as ``[rank R/W] FAILED: ExceptionType: message`` (after the traceback, each
     line tagged with the rank, when there are several processes), so the job's log names the rank that
-    failed, whichever launcher collected the output.
+    failed, whichever launcher collected the output. A known error (:func:`segkd_examples.failures.is_known_error`:
+    a bad config, checkpoint or dataset file, a loss's argument check) gets that one line only, its message on
+    one line, unless ``debug``; the caller then exits without a traceback (``examples/train_ddp.py`` does).
     """
     try:
         result = fn()
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
+        from segkd_examples.failures import DEBUG_ENV, is_known_error, one_line
+
         rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
-        if world > 1:  # interleaved logs: tag every line of this rank's traceback
+        brief = not debug and is_known_error(exc)
+        if world > 1 and not brief:  # interleaved logs: tag every line of this rank's traceback
             lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
             tagged = (f"[rank {rank}/{world}] {line}" for chunk in lines for line in chunk.splitlines(True))
             sys.stderr.write("".join(tagged))
-        sys.stderr.write(f"[rank {rank}/{world}] FAILED: {type(exc).__name__}: {exc}\n")
+        if brief:
+            hint = f" (traceback: --debug or {DEBUG_ENV}=1)"
+            sys.stderr.write(f"[rank {rank}/{world}] FAILED: {one_line(exc)}{hint}\n")
+        else:
+            sys.stderr.write(f"[rank {rank}/{world}] FAILED: {type(exc).__name__}: {exc}\n")
         sys.stderr.flush()
         if _initialized():
             # Peers blocked in a collective with this rank are released by torchrun (it stops the job when

@@ -30,7 +30,7 @@ from segkd_examples import checkpoint as ckpt
 from segkd_examples.config import ConfigError, TrainConfig, config_to_dict
 from segkd_examples.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
 from segkd_examples.logging_utils import MetricsLog, Progress
-from segkd_examples.methods import Distiller, build_distiller, model_info, resolve_kd
+from segkd_examples.methods import Distiller, build_distiller, check_input_size, model_info, resolve_kd
 from segkd_examples.metrics import check_label_range, evaluate, format_iou_table
 
 __all__ = [
@@ -258,6 +258,15 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     return info, train_set, val_set
 
 
+def _workers(cfg: TrainConfig) -> int:
+    """``cfg.workers``, or the machine's default when it is ``None``."""
+    if cfg.workers is not None:
+        return cfg.workers
+    from segkd_examples.data import default_workers
+
+    return default_workers()
+
+
 class _TrainStream:
     """Endless batches over epochs, starting at a given iteration; calls ``set_epoch`` on sampler and dataset."""
 
@@ -276,7 +285,7 @@ class _TrainStream:
             dataset,
             batch_size=per_rank_batch,
             sampler=self.sampler,
-            num_workers=cfg.workers,
+            num_workers=_workers(cfg),
             pin_memory=dist.device.type == "cuda",
             drop_last=True,
             generator=self.generator,  # keeps the loader off the global RNG, so resume is exact
@@ -306,7 +315,7 @@ def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoad
         torch.utils.data.Subset(val_set, shard),
         batch_size=1,
         shuffle=False,
-        num_workers=min(cfg.workers, 2),
+        num_workers=min(_workers(cfg), 2),
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -340,11 +349,13 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     """Run (or resume) one training job on this rank and return its summary.
 
     Raises:
-        ConfigError: inconsistent settings (batch not divisible by the world size, a KD method without a teacher).
+        ConfigError: inconsistent settings (batch not divisible by the world size, a KD method without a teacher,
+            images too small for the method's discriminator).
         segkd_examples.checkpoint.CheckpointError: unreadable or mismatching checkpoints.
         FloatingPointError: a non-finite loss (the iteration is named).
     """
     cfg.validate()
+    check_input_size(cfg)
     if cfg.batch_size % dist.world_size:
         raise ConfigError(
             f"Expected the global `batch_size` ({cfg.batch_size}) to be divisible by the number of processes "
@@ -434,6 +445,7 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolved = config_to_dict(cfg)
+        resolved["workers"] = _workers(cfg)  # the machine's default when the config leaves it null
         resolved["world_size"] = dist.world_size
         resolved["num_classes"] = num_classes
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from segkd_examples.config import METHODS
+from segkd_examples.config import METHODS, ConfigError
 
 __all__ = [
     "Distiller",
@@ -30,7 +31,9 @@ __all__ = [
     "available_methods",
     "HWD_MU",
     "PAPER_DEFAULTS",
+    "DISCRIMINATOR_SWITCHES",
     "build_distiller",
+    "check_input_size",
     "resolve_kd",
     "model_info",
 ]
@@ -100,7 +103,7 @@ class _LogitDistiller(Distiller):
 def _kwargs(params: Mapping[str, Any], allowed: tuple[str, ...], method: str) -> dict[str, Any]:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown `kd` parameter(s) {unknown} for method {method!r}; expected some of {list(allowed)}."
         )
     return dict(params)
@@ -318,7 +321,7 @@ def resolve_kd(
     ``kd_weight=None`` means the method's paper weight; ``kd`` entries replace the default parameters one by one.
     """
     if method not in PAPER_DEFAULTS:
-        raise ValueError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+        raise ConfigError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
     weight, params = PAPER_DEFAULTS[method]
     params = dict(params)
     if method == "hwd":
@@ -336,6 +339,61 @@ _MODULES = {
     "mgd": "segkd.losses.mgd",
     "cirkd": "segkd.losses.cirkd",
 }
+
+
+#: Methods with an adversarial discriminator, and the ``kd`` parameters that switch it on when non-zero.
+DISCRIMINATOR_SWITCHES = {"skd": ("adversarial_weight", "discriminator_weight")}
+
+
+def check_input_size(cfg: Any) -> None:
+    """Refuse, before anything is built, a method whose discriminator cannot take this run's logits.
+
+    SKD's discriminator (:class:`segkd.losses.adversarial.SKDDiscriminator`) needs logits of at least 64 x 64; the
+    models give ``ceil(side / 8)`` logits per side of the training images (``synthetic_size`` for the synthetic
+    data, ``crop_size`` otherwise). The message names the sizes and a command line that works.
+
+    Args:
+        cfg: an object with ``method``, ``dataset``, ``kd_weight``, ``kd``, ``crop_size`` and ``synthetic_size``.
+
+    Raises:
+        ConfigError: the discriminator is on (a non-zero ``adversarial_weight`` or ``discriminator_weight``) and
+            the logits would be smaller than it needs.
+    """
+    switches = DISCRIMINATOR_SWITCHES.get(cfg.method)
+    if switches is None:
+        return
+    _, params = resolve_kd(cfg.method, cfg.dataset, cfg.kd_weight, cfg.kd)
+    active = {key: params[key] for key in switches if params.get(key)}
+    if not active:
+        return
+    from segkd.losses.adversarial import SKDDiscriminator
+    from segkd_examples.models.segmentation import OUTPUT_STRIDE
+
+    need = SKDDiscriminator.MIN_SIZE
+    synthetic = cfg.dataset == "synthetic"
+    height, width = (cfg.synthetic_size, cfg.synthetic_size) if synthetic else tuple(cfg.crop_size)
+    logits = (math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE))
+    if min(logits) >= need:
+        return
+    side = need * OUTPUT_STRIDE
+    switched_on = ", ".join(f"{key} {value}" for key, value in active.items())
+    off = " ".join(f"--set kd.{key}=0" for key in switches)
+    if synthetic:
+        what, grow = f"synthetic images of {height} px give", f"--set synthetic_size={side}"
+        example = f"python examples/train_ddp.py --config examples/configs/synthetic_skd.yaml {grow} " + " ".join(
+            f"--set kd.{key}={PAPER_DEFAULTS['skd'][1][key]}" for key in switches
+        )
+    else:
+        new_height, new_width = max(side, height), max(side, width)
+        crop = str(new_height) if new_height == new_width else f"{new_height} {new_width}"
+        what, grow = f"crop_size {list(cfg.crop_size)} gives", f"--crop-size {crop}"
+        example = f"python examples/train_ddp.py --config CONFIG.yaml {grow}"
+    raise ConfigError(
+        f"`method: {cfg.method}` trains a discriminator ({switched_on}) that needs logits of at least {need} x {need}, "
+        f"but {what} {logits[0]} x {logits[1]} logits (the models' output stride is {OUTPUT_STRIDE}). "
+        f"Add `{grow}` (images of at least {side} px: {need} x {need} logits), or turn the adversarial term off "
+        f"with `{off}`. For example: {example}"
+    )
 
 
 def available_methods() -> tuple[str, ...]:
@@ -364,17 +422,18 @@ def build_distiller(method: str, student_info: ModelInfo, teacher_info: ModelInf
         The distiller module.
 
     Raises:
-        ValueError: unknown method, unknown ``kd`` parameter, or classes that differ between student and teacher.
+        ConfigError: (a ``ValueError``) unknown method, unknown ``kd`` parameter, or classes that differ between
+            the student and the teacher.
         ImportError: the method's loss is not in this segkd installation.
     """
     if method not in METHODS:
-        raise ValueError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
+        raise ConfigError(f"Expected `method` to be one of {', '.join(map(repr, METHODS))}, got {method!r}.")
     if method == "none":
         return NoDistiller()
     if teacher_info is None:
-        raise ValueError(f"Method {method!r} needs a teacher.")
+        raise ConfigError(f"Method {method!r} needs a teacher.")
     if student_info.num_classes != teacher_info.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"Expected the student and the teacher to predict the same number of classes, got "
             f"{student_info.num_classes} and {teacher_info.num_classes}."
         )

@@ -264,3 +264,80 @@ def test_command_line(runs: Path, tmp_path: Path) -> None:
     assert nothing.returncode == 1
     assert "no runs found" in nothing.stderr
     assert "Traceback" not in nothing.stderr
+
+
+def _drawn_overlay(monkeypatch: pytest.MonkeyPatch, runs: list[report.Run], tmp_path: Path):
+    """The axis that plot_group draws on (the figure is captured when it is created)."""
+    figures = []
+    original = report._new_figure
+
+    def capture(size):
+        figure = original(size)
+        figures.append(figure)
+        return figure
+
+    monkeypatch.setattr(report, "_new_figure", capture)
+    report.plot_group(runs, report.unique_labels(runs), tmp_path / "overlay.png", "title")
+    (figure,) = figures
+    (ax,) = figure.axes
+    return ax
+
+
+def _run(method: str, evals: list[tuple[int, float]], dataset: str = "synthetic") -> report.Run:
+    return report.Run(Path(f"/runs/{method}/metrics.jsonl"), dataset, "tiny_student", method, 300, evals)
+
+
+def test_method_curves_are_the_mean_and_range_of_the_seeds() -> None:
+    runs = [
+        _run("none", [(100, 0.40), (200, 0.50)]),
+        _run("hwd", [(100, 0.42), (200, 0.56)]),
+        _run("hwd", [(100, 0.46), (200, 0.50)]),
+        _run("hwd", [(100, 0.44)]),  # still running: counted where it has an evaluation
+        _run("cwd", []),  # no evaluation yet: no curve
+    ]
+    curves = report.method_curves(runs, report.unique_labels(runs))
+    assert [(c.label, c.runs, c.iterations) for c in curves] == [("none", 1, [100, 200]), ("hwd", 3, [100, 200])]
+    hwd = curves[1]
+    assert hwd.mean == pytest.approx([44.0, 53.0])
+    assert hwd.low == pytest.approx([42.0, 50.0])
+    assert hwd.high == pytest.approx([46.0, 56.0])
+
+
+def test_overlay_shows_one_colour_per_method_with_a_band_over_seeds(monkeypatch, tmp_path: Path) -> None:
+    runs = [
+        _run("none", [(100, 0.40), (200, 0.50)]),
+        _run("none", [(100, 0.44), (200, 0.52)]),
+        _run("hwd", [(100, 0.42), (200, 0.56)]),
+        _run("hwd", [(100, 0.46), (200, 0.50)]),
+        _run("hwd", [(100, 0.44), (200, 0.53)]),
+        _run("cwd", [(100, 0.41), (200, 0.51)]),
+    ]
+    ax = _drawn_overlay(monkeypatch, runs, tmp_path)
+    lines = ax.get_lines()
+    labels = [line.get_label() for line in lines]
+    assert labels == [
+        "none (mean of 2 runs, band: min-max)",
+        "cwd",
+        "hwd (mean of 3 runs, band: min-max)",
+    ]
+    colours = report.method_colours(["none", "cwd", "hwd"])
+    assert [line.get_color() for line in lines] == [colours["none"], colours["cwd"], colours["hwd"]]
+    assert len(set(colours[m] for m in ("none", "cwd", "hwd"))) == 3
+    assert list(lines[2].get_ydata()) == pytest.approx([44.0, 53.0])
+    bands = ax.collections  # fill_between: one band per method with several runs
+    assert len(bands) == 2
+    hwd_band = bands[1].get_paths()[0].vertices[:, 1]
+    assert min(hwd_band) == pytest.approx(42.0)
+    assert max(hwd_band) == pytest.approx(56.0)
+    assert [legend.get_text() for legend in ax.get_legend().get_texts()] == labels
+
+
+def test_method_colours_are_fixed_and_shared_by_the_per_run_curves(monkeypatch, tmp_path: Path) -> None:
+    colours = report.method_colours(["none", "mystery", "hwd"])
+    assert colours["hwd"] == report.method_colours(["hwd"])["hwd"]  # the same in every plot
+    assert colours["mystery"] not in {colours[m] for m in report.METHOD_ORDER}
+    figures = []
+    original = report._new_figure
+    monkeypatch.setattr(report, "_new_figure", lambda size: figures.append(original(size)) or figures[-1])
+    report.plot_run(_run("hwd", [(100, 0.5), (200, 0.6)]), tmp_path / "run.png", "hwd")
+    assert figures[0].axes[0].get_lines()[0].get_color() == report.method_colours(["hwd"])["hwd"]

@@ -157,3 +157,30 @@ def test_every_torch_load_in_the_pipeline_uses_weights_only():
             if "weights_only=True" not in match.group(0):
                 offenders.append(f"{source.relative_to(ROOT)}: {match.group(0)}")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello world\n", b"abc", b"(a)\n", b"Ghi", b"teacher: deeplabv3_r101\nmiou: 0.77\n" * 20],
+    ids=["keyerror-text", "indexerror-text", "indexerror-paren", "struct-error", "yaml-like"],
+)
+def test_text_and_other_non_checkpoint_files_raise_checkpoint_error(tmp_path, content):
+    # Each of these once escaped as KeyError, IndexError ("pop from empty list") or struct.error from the unpickler.
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match=rf"teacher checkpoint .*notes\.txt \({len(content)} bytes\)"):
+        ckpt.load_checkpoint(path, what="teacher checkpoint")
+
+
+def test_a_directory_is_named_as_a_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    expected = r"resume checkpoint .*run is a directory, expected a checkpoint file\.$"
+    with pytest.raises(ckpt.CheckpointError, match=expected):
+        ckpt.load_checkpoint(run, what="resume checkpoint")
+    ckpt.save_checkpoint({"w": torch.ones(1)}, run / "last.pt")
+    (run / "best.pt").write_bytes(b"x")
+    (run / "config.yaml").write_text("lr: 1\n")
+    expected = r"run is a directory, expected a checkpoint file; it holds best\.pt, last\.pt\."
+    with pytest.raises(ckpt.CheckpointError, match=expected):
+        ckpt.load_checkpoint(run, what="resume checkpoint")

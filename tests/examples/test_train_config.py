@@ -104,3 +104,30 @@ def test_method_defaults_are_the_papers_and_config_values_override_them():
     assert resolve_kd("cwd", "ade20k", None, None) == (3.0, {"tau": 4.0})
     assert resolve_kd("ifvd", "ade20k", None, {})[0] == 200.0
     assert resolve_kd("none", "ade20k", None, {}) == (0.0, {})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--crop-size", "64"],
+        ["--set", "crop_size=64"],
+        ["--set", "crop_size=[64]"],
+        ["--config", "{yaml}"],
+    ],
+    ids=["flag", "set-int", "set-list", "yaml-list"],
+)
+def test_one_crop_size_means_a_square(tmp_path, argv):
+    path = tmp_path / "c.yaml"
+    path.write_text("crop_size: [64]\neval_crop: 96\n")
+    args = _train_ddp().build_parser().parse_args([a.format(yaml=path) for a in argv])
+    cfg = _train_ddp().resolve_config(args)
+    assert cfg.crop_size == [64, 64]
+    assert config_from_dict({"eval_crop": [96], "eval_stride": 48}).validate().eval_crop == [96, 96]
+    assert config_from_dict({"eval_stride": [48]}).eval_stride == [48, 48]
+
+
+def test_three_crop_numbers_are_refused_with_the_accepted_forms():
+    args = _train_ddp().build_parser().parse_args(["--crop-size", "64", "64", "64"])
+    expected = r"`crop_size` to be one positive int \(a square\) or two \[height, width\], got \[64, 64, 64\]"
+    with pytest.raises(ConfigError, match=expected):
+        _train_ddp().resolve_config(args)

@@ -28,6 +28,7 @@ from .layouts import (
 )
 from .synthetic import SyntheticSegmentation
 from .transforms import train_augment
+from .workers import default_workers, usable_cpus
 
 __all__ = [
     "DATASETS",
@@ -45,6 +46,8 @@ __all__ = [
     "SegmentationFolder",
     "SyntheticSegmentation",
     "train_augment",
+    "default_workers",
+    "usable_cpus",
     "CITYSCAPES_CLASSES",
     "ADE20K_CLASSES",
     "COCOSTUFF_CLASSES",
