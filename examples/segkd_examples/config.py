@@ -59,6 +59,7 @@ class TrainConfig:
     student: str = "deeplabv3_r18"
     teacher: str = "deeplabv3_r101"
     teacher_ckpt: str | None = None
+    teacher_generation: str = "auto"  # CIRKD code generation of teacher_ckpt: "auto" (from the file), "2022", "2025"
     student_pretrained: str | None = None
     train_teacher: bool = False
     channels_last: bool = False
@@ -104,6 +105,7 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("eval_mode", self.eval_mode, EVAL_MODES)
         _choice("label_out_of_range", self.label_out_of_range, ("error", "ignore"))
+        _choice("teacher_generation", self.teacher_generation, ("auto", "2022", "2025"))
         for key in ("max_iters", "batch_size", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"Expected `{key}` to be >= 1, got {getattr(self, key)}.")

@@ -194,12 +194,14 @@ def trained_model_name(cfg: TrainConfig) -> str:
 def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
     """Build the trained model (the student, or the teacher with ``train_teacher``) and the frozen teacher.
 
-    The frozen teacher is built only when a method needs it; its weights come from ``teacher_ckpt``.
+    The frozen teacher is built only when a method needs it; its weights come from ``teacher_ckpt``, its
+    architecture from ``teacher_generation`` (``"auto"``: the CIRKD code generation the file's head width fits,
+    written back into ``cfg``).
 
     Raises:
         ConfigError: a KD method without ``teacher_ckpt``.
     """
-    from segkd_examples.models import build_model
+    from segkd_examples.models import build_model, checkpoint_generation
 
     student = build_model(trained_model_name(cfg), num_classes, backbone_weights=cfg.student_pretrained)
     if cfg.train_teacher or cfg.method == "none":
@@ -209,8 +211,13 @@ def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Mo
             f"`method: {cfg.method}` distils from a trained teacher: pass --teacher-ckpt PATH "
             "(a released teacher state dict, or best.pt of a --train-teacher run)."
         )
-    teacher = build_model(cfg.teacher, num_classes)
-    load_model_weights(teacher, cfg.teacher_ckpt, what="teacher checkpoint")
+    data = ckpt.load_checkpoint(cfg.teacher_ckpt, what="teacher checkpoint")
+    if cfg.teacher_generation == "auto":  # the resolved generation is recorded in config.yaml
+        cfg.teacher_generation = checkpoint_generation(
+            cfg.teacher, data, path=cfg.teacher_ckpt, what="teacher checkpoint"
+        )
+    teacher = build_model(cfg.teacher, num_classes, generation=cfg.teacher_generation)
+    load_model_weights(teacher, cfg.teacher_ckpt, what="teacher checkpoint", data=data)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
