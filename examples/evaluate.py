@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stride=cfg.eval_stride,
         label_action=args.label_out_of_range,
         autocast=autocast if args.amp != "none" else None,
+        align_corners=cfg.align_corners,
+        miou_classes=cfg.miou_classes,
     )
     result = {
         "checkpoint": str(args.checkpoint),
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "class_names": list(info.class_names),
     }
     if dist.is_main:
-        print(format_iou_table(iou, list(info.class_names)))
+        print(format_iou_table(iou, list(info.class_names), cfg.miou_classes))
         print(f"mIoU {100 * miou:.2f} ({cfg.dataset}, {cfg.eval_mode}, {model_name})")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(json_safe(result), indent=2) + "\n")

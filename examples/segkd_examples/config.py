@@ -20,6 +20,7 @@ import yaml
 __all__ = [
     "AMP_MODES",
     "EVAL_MODES",
+    "MIOU_CLASSES",
     "METHODS",
     "ConfigError",
     "TrainConfig",
@@ -33,6 +34,7 @@ __all__ = [
 METHODS = ("none", "hwd", "cwd", "dist", "skd", "ifvd", "mgd", "cirkd")
 AMP_MODES = ("none", "bf16", "fp16")
 EVAL_MODES = ("whole", "slide")
+MIOU_CLASSES = ("present", "all")
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,7 @@ class TrainConfig:
     synthetic_val_length: int = 16
     synthetic_size: int = 64
     synthetic_classes: int = 8
+    cocostuff_classes: int = 171  # 171 (mmsegmentation train ids) or 182 (raw ids, as the CIRKD/HWD code)
     label_out_of_range: str = "error"  # "error" or "ignore" (count such pixels as ignore_index)
     # models
     student: str = "deeplabv3_r18"
@@ -80,6 +83,8 @@ class TrainConfig:
     grad_clip: float | None = None
     # evaluation
     eval_every: int = 4000
+    miou_classes: str = "present"  # mean over "present" classes (mmsegmentation) or "all" bins, empty = 0 (CIRKD)
+    align_corners: bool = False  # bilinear upsampling of logits (CE and evaluation); the HWD/CIRKD code uses true
     eval_mode: str = "whole"
     eval_crop: list[int] | None = None
     eval_stride: list[int] | None = None
@@ -106,6 +111,9 @@ class TrainConfig:
         _choice("eval_mode", self.eval_mode, EVAL_MODES)
         _choice("label_out_of_range", self.label_out_of_range, ("error", "ignore"))
         _choice("teacher_generation", self.teacher_generation, ("auto", "2022", "2025"))
+        _choice("miou_classes", self.miou_classes, MIOU_CLASSES)
+        if self.cocostuff_classes not in (171, 182):
+            raise ConfigError(f"Expected `cocostuff_classes` to be 171 or 182, got {self.cocostuff_classes}.")
         for key in ("max_iters", "batch_size", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"Expected `{key}` to be >= 1, got {getattr(self, key)}.")

@@ -111,19 +111,29 @@ class DistillationStep(nn.Module):
         L = \mathrm{CE}(\uparrow s, y) + w_\text{aux}\,\mathrm{CE}(\uparrow s_\text{aux}, y)
             + \lambda\,L_\text{KD}(s, t),
 
-    with logits upsampled bilinearly (``align_corners=False``) to the label size and pixels labelled
-    ``ignore_index`` skipped; the KD term comes from the distiller at the models' own 1/8 resolution.
+    with logits upsampled bilinearly to the label size (``align_corners`` as configured: ``True`` in the HWD and
+    CIRKD code, ``losses/loss.py`` ``SegCrossEntropyLoss``) and pixels labelled ``ignore_index`` skipped; the KD
+    term comes from the distiller at the models' own 1/8 resolution.
     """
 
-    def __init__(self, student: nn.Module, distiller: Distiller, *, aux_weight: float, ignore_index: int) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        distiller: Distiller,
+        *,
+        aux_weight: float,
+        ignore_index: int,
+        align_corners: bool = False,
+    ) -> None:
         super().__init__()
         self.student = student
         self.distiller = distiller
         self.aux_weight = float(aux_weight)
         self.ignore_index = int(ignore_index)
+        self.align_corners = bool(align_corners)
 
     def _ce(self, logits: Tensor, labels: Tensor) -> Tensor:
-        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return F.cross_entropy(up.float(), labels, ignore_index=self.ignore_index)
 
     def forward(self, images: Tensor, labels: Tensor, teacher_out: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -232,15 +242,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     from segkd_examples.data import build_dataset, check_dataset_root, dataset_info
 
     synthetic = cfg.dataset == "synthetic"
-    info = (
-        dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes) if synthetic else dataset_info(cfg.dataset)
-    )
+    info = dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes, cocostuff_classes=cfg.cocostuff_classes)
     if not synthetic:
         if not cfg.data_root:
             raise ConfigError(f"`dataset: {cfg.dataset}` needs --data-root (the folder described in docs/datasets.md).")
         check_dataset_root(cfg.dataset, cfg.data_root, "train")
         check_dataset_root(cfg.dataset, cfg.data_root, "val")
-    common: dict[str, Any] = {"seed": cfg.seed}
+    common: dict[str, Any] = {"seed": cfg.seed, "cocostuff_classes": cfg.cocostuff_classes}
     if synthetic:
         common["synthetic_size"] = cfg.synthetic_size
         common["synthetic_classes"] = cfg.synthetic_classes
@@ -385,7 +393,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     if discriminator is not None:
         discriminator.to(device)
 
-    step_module: nn.Module = DistillationStep(student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index)
+    step_module: nn.Module = DistillationStep(
+        student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index, align_corners=cfg.align_corners
+    )
     disc_ids = {id(t) for t in (*discriminator.parameters(), *discriminator.buffers())} if discriminator else set()
     trainable = [p for p in step_module.parameters() if p.requires_grad and id(p) not in disc_ids]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -467,6 +477,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             stride=cfg.eval_stride,
             label_action=cfg.label_out_of_range,
             autocast=autocast if cfg.amp != "none" else None,
+            align_corners=cfg.align_corners,
+            miou_classes=cfg.miou_classes,
         )
         student.train()
         log.write({"kind": "eval", "iter": iteration, "miou": miou, "iou": iou})
@@ -576,7 +588,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     progress.close()
     barrier()
     if dist.is_main and start_iter < cfg.max_iters and not math.isnan(last_miou):
-        print(format_iou_table(iou, class_names if len(class_names) == num_classes else None), flush=True)
+        names = class_names if len(class_names) == num_classes else None
+        print(format_iou_table(iou, names, cfg.miou_classes), flush=True)
     log.close()
     return TrainResult(
         best_miou=best_miou,

@@ -106,7 +106,8 @@ def test_pipeline_teacher_follows_the_files_generation(tmp_path: Path) -> None:
     torch.save(build_model("deeplabv3_r18", 8, generation="2025").state_dict(), path)
     cfg = TrainConfig(student="tiny_student", teacher="deeplabv3_r18", teacher_ckpt=str(path), method="cwd")
     _, teacher = build_student_and_teacher(cfg, 8)
-    assert teacher is not None and teacher.feature_channels == 512
+    assert teacher is not None
+    assert teacher.feature_channels == 512
     assert cfg.teacher_generation == "2025"  # resolved, so config.yaml records it
     cfg = TrainConfig(student="tiny_student", teacher="deeplabv3_r18", teacher_ckpt=str(path), method="cwd")
     cfg.teacher_generation = "2022"

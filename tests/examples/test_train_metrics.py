@@ -15,6 +15,7 @@ from segkd_examples.metrics import (
     format_iou_table,
     iou_from_confusion,
     miou_from_confusion,
+    predict_logits,
     slide_logits,
 )
 
@@ -116,3 +117,81 @@ def test_format_iou_table():
     assert "| road     |   50.00 |" in table
     assert "| sky      |     n/a |" in table
     assert table.splitlines()[-1] == "| **mean** |   37.50 |"
+
+
+def test_miou_over_all_bins_is_cirkds_formula():
+    # CIRKD utils/score.py: area_inter / (2.220446049250313e-16 + area_union), then IoU.mean() over all nclass bins.
+    g = torch.Generator().manual_seed(3)
+    k = 12
+    matrix = torch.randint(0, 50, (k, k), generator=g)
+    for empty in (2, 7, 11):  # classes never labelled nor predicted, like COCO-Stuff's 11 unused raw ids
+        matrix[empty, :] = 0
+        matrix[:, empty] = 0
+    matrix[5, :] = 0  # never labelled but predicted: IoU 0 in both averages
+    m = matrix.double().numpy()
+    inter = [m[c, c] for c in range(k)]
+    union = [m[c, :].sum() + m[:, c].sum() - m[c, c] for c in range(k)]
+    cirkd = sum(i / (2.220446049250313e-16 + u) for i, u in zip(inter, union, strict=True)) / k
+    assert miou_from_confusion(matrix, "all") == pytest.approx(cirkd, rel=1e-12, abs=0)
+    present = [i / u for i, u in zip(inter, union, strict=True) if u > 0]
+    assert miou_from_confusion(matrix) == pytest.approx(sum(present) / len(present), rel=1e-12)
+    assert miou_from_confusion(matrix, "all") == pytest.approx(miou_from_confusion(matrix) * 9 / 12, rel=1e-12)
+    with pytest.raises(ValueError, match="`classes`"):
+        miou_from_confusion(matrix, "some")
+    iou = iou_from_confusion(matrix)
+    mean_line = format_iou_table(iou, miou_classes="all").splitlines()[-1]
+    assert mean_line.split("|")[2].strip() == f"{100 * cirkd:.2f}"
+
+
+def test_predict_logits_align_corners():
+    # 2x2 -> 5x5: with align_corners=True the samples are at 0, 1/4, 1/2, 3/4, 1 (corners kept);
+    # with False at (i + 0.5) * 2/5 - 0.5 = -0.3, 0.1, 0.5, 0.9, 1.3, clamped to [0, 1].
+    x = torch.tensor([[[[1.0, 3.0], [5.0, 13.0]]]], dtype=torch.float64)
+
+    def expected(coords):
+        out = torch.empty(5, 5, dtype=torch.float64)
+        for i, y in enumerate(coords):
+            for j, xx in enumerate(coords):
+                top = (1 - xx) * 1.0 + xx * 3.0
+                bottom = (1 - xx) * 5.0 + xx * 13.0
+                out[i, j] = (1 - y) * top + y * bottom
+        return out
+
+    true = predict_logits(lambda t: t, x, (5, 5), align_corners=True)[0, 0].double()
+    false = predict_logits(lambda t: t, x, (5, 5), align_corners=False)[0, 0].double()
+    assert torch.allclose(true, expected([0, 0.25, 0.5, 0.75, 1]), atol=1e-6)
+    assert torch.allclose(false, expected([0, 0.1, 0.5, 0.9, 1]), atol=1e-6)
+    assert float((true - false).abs().max()) > 0.5
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_training_ce_follows_align_corners(align_corners):
+    from torch import nn
+
+    from segkd_examples.engine import DistillationStep
+    from segkd_examples.models import SegmentationOutput
+
+    logits = torch.tensor([[[[1.0, 3.0], [5.0, 13.0]], [[0.0, 2.0], [4.0, -6.0]]]])  # (1, 2, 2, 2)
+
+    class Fixed(nn.Module):
+        def forward(self, images):
+            return SegmentationOutput(logits, None, logits)
+
+    labels = torch.tensor([[[0, 1, 0, 1, 255]] * 5])
+    step = DistillationStep(Fixed(), nn.Identity(), aux_weight=0.0, ignore_index=255, align_corners=align_corners)
+    loss, _ = step(torch.zeros(1, 3, 5, 5), labels, None)
+    coords = [0, 0.25, 0.5, 0.75, 1] if align_corners else [0, 0.1, 0.5, 0.9, 1]
+    total, count = 0.0, 0
+    for i, y in enumerate(coords):
+        for j, x in enumerate(coords):
+            label = int(labels[0, i, j])
+            if label == 255:
+                continue
+            z = [
+                (1 - y) * ((1 - x) * float(c[0, 0]) + x * float(c[0, 1]))
+                + y * ((1 - x) * float(c[1, 0]) + x * float(c[1, 1]))
+                for c in logits[0]
+            ]
+            total += math.log(sum(math.exp(v) for v in z)) - z[label]
+            count += 1
+    assert float(loss) == pytest.approx(total / count, rel=1e-5)
