@@ -144,6 +144,7 @@ def _optim_body(iters: int, eval_every: int, eval_source: str) -> list[tuple[str
         ("eval_every", eval_every, eval_source),
         ("ckpt_every", 4000, "last.pt (for --resume) less often than the evaluations"),
         ("eval_mode", "whole", ""),
+        ("eval_cache", True, "validation images decoded once, kept in host memory (docs/reproduce.md: cost)"),
         ("align_corners", True, AUTHORS_EVAL["align_corners"]),
         ("miou_classes", "all", AUTHORS_EVAL["miou_classes"]),
         ("seed", 0, ""),

@@ -86,6 +86,7 @@ class TrainConfig:
     miou_classes: str = "present"  # mean over "present" classes (mmsegmentation) or "all" bins, empty = 0 (CIRKD)
     align_corners: bool = False  # bilinear upsampling of logits (CE and evaluation); the HWD/CIRKD code uses true
     eval_mode: str = "whole"
+    eval_cache: bool = False  # decode this rank's validation images once and keep them in memory (evalcache.py)
     eval_crop: list[int] | None = None
     eval_stride: list[int] | None = None
     max_eval_images: int | None = None

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from segkd_examples import checkpoint as ckpt
 from segkd_examples.config import ConfigError, TrainConfig, config_to_dict
 from segkd_examples.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from segkd_examples.evalcache import CachedValImages
 from segkd_examples.logging_utils import MetricsLog, Progress
 from segkd_examples.methods import Distiller, build_distiller, model_info, resolve_kd
 from segkd_examples.metrics import check_label_range, evaluate, format_iou_table
@@ -46,6 +47,7 @@ __all__ = [
     "seed_everything",
     "train",
     "trained_model_name",
+    "val_shard",
 ]
 
 
@@ -311,12 +313,17 @@ class _TrainStream:
             epoch, skip = epoch + 1, 0
 
 
-def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
-    """Batch-1 loader over this rank's share of the validation images (no padding, no duplicates)."""
+def val_shard(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> list[int]:
+    """This rank's validation items: every ``world_size``-th of the first ``max_eval_images`` (no padding)."""
     indices = list(range(len(val_set)))
     if cfg.max_eval_images is not None:
         indices = indices[: cfg.max_eval_images]
-    shard = indices[dist.rank :: dist.world_size]  # no padding: every image counted exactly once
+    return indices[dist.rank :: dist.world_size]  # no padding: every image counted exactly once
+
+
+def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
+    """Batch-1 loader over this rank's share of the validation images (no padding, no duplicates)."""
+    shard = val_shard(val_set, cfg, dist)
     return DataLoader(
         torch.utils.data.Subset(val_set, shard),
         batch_size=1,
@@ -462,13 +469,15 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     )
     progress = Progress(cfg.max_iters, start_iter, enabled=dist.is_main and cfg.progress)
     stream = _TrainStream(train_set, cfg, dist, per_rank_batch)
-    val_loader = build_val_loader(val_set, cfg, dist)
+    val_batches: Any = build_val_loader(val_set, cfg, dist)
+    if cfg.eval_cache:
+        val_batches = CachedValImages(val_set, val_shard(val_set, cfg, dist), device=device, workers=cfg.workers)
 
     def run_eval(iteration: int) -> tuple[float, list[float]]:
         student.eval()
         miou, iou, _ = evaluate(
             lambda x: student(x.contiguous(memory_format=memory_format)).logits,
-            val_loader,
+            val_batches,
             num_classes,
             device=device,
             ignore_index=ignore_index,

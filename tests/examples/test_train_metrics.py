@@ -195,3 +195,25 @@ def test_training_ce_follows_align_corners(align_corners):
             total += math.log(sum(math.exp(v) for v in z)) - z[label]
             count += 1
     assert float(loss) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_cached_val_images_equal_the_loader(tmp_path):
+    # Decoded once and normalised on the device: bitwise the loader's batches (real-dataset path: uint8 cache).
+    from test_data import make_cityscapes
+
+    from segkd_examples.data import build_dataset
+    from segkd_examples.evalcache import CachedValImages
+
+    make_cityscapes(tmp_path)
+    val = build_dataset("cityscapes", tmp_path, "val")
+    loader = torch.utils.data.DataLoader(val, batch_size=1)
+    cached = CachedValImages(val, range(len(val)), device=torch.device("cpu"))
+    for _ in range(2):  # the second pass comes from memory
+        pairs = list(zip(loader, cached, strict=True))
+        assert len(pairs) == len(val)
+        for (image, label), (image_c, label_c) in pairs:
+            assert image_c.dtype == image.dtype
+            assert label_c.dtype == label.dtype
+            assert torch.equal(image_c, image)
+            assert torch.equal(label_c, label)
+    assert all(item[0].dtype == torch.uint8 for item in cached._items)
