@@ -217,3 +217,42 @@ def test_cached_val_images_equal_the_loader(tmp_path):
             assert torch.equal(image_c, image)
             assert torch.equal(label_c, label)
     assert all(item[0].dtype == torch.uint8 for item in cached._items)
+
+
+def test_evaluate_all_bins_equals_cirkds_histogram_score():
+    # CIRKD utils/score.py batch_intersection_union on the upsampled logits, written from its code: shift labels
+    # and predictions by +1 (ignored pixels -> 0), zero the predictions on ignored pixels, histc over [1, K] with K
+    # bins for intersection, prediction and label; IoU = inter / (eps + union) summed over images, then the mean.
+    g = torch.Generator().manual_seed(5)
+    k = 10  # classes 3 and 8 never occur and are never predicted (the logits make them lose)
+    batches = []
+    for _ in range(3):
+        labels = torch.randint(0, k, (1, 12, 16), generator=g)
+        labels[(labels == 3) | (labels == 8)] = 255
+        labels[torch.rand(labels.shape, generator=g) < 0.1] = 255
+        batches.append((torch.randn(1, 3, 12, 16, generator=g), labels))
+    weight = torch.randn(k, 3, generator=g)
+
+    def forward(x):
+        logits = torch.einsum("kc,nchw->nkhw", weight, x[:, :, ::4, ::4])
+        logits[:, [3, 8]] = -1e4
+        return logits
+
+    inter_sum, union_sum = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    for images, labels in batches:
+        up = torch.nn.functional.interpolate(forward(images), labels.shape[-2:], mode="bilinear", align_corners=True)
+        target = torch.where(labels == 255, -1, labels).double() + 1
+        predict = (up.argmax(1) + 1).double() * (target > 0).double()
+        intersection = predict * (predict == target).double()
+        area_inter = torch.histc(intersection, bins=k, min=1, max=k)
+        area_pred = torch.histc(predict, bins=k, min=1, max=k)
+        area_lab = torch.histc(target, bins=k, min=1, max=k)
+        inter_sum += area_inter
+        union_sum += area_pred + area_lab - area_inter
+    cirkd = float((inter_sum / (2.220446049250313e-16 + union_sum)).mean())
+    miou, iou, _ = evaluate(forward, batches, k, device=torch.device("cpu"), align_corners=True, miou_classes="all")
+    assert miou == pytest.approx(cirkd, rel=1e-12)
+    assert math.isnan(iou[3])
+    assert math.isnan(iou[8])
+    present, _, _ = evaluate(forward, batches, k, device=torch.device("cpu"), align_corners=True)
+    assert present == pytest.approx(cirkd * k / (k - 2), rel=1e-12)
