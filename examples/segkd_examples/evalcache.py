@@ -6,8 +6,8 @@ hundred evaluations that decode every time would cost more than the training its
 decodes this rank's share once, through a data loader's workers, keeps each item as the decoded ``uint8`` RGB
 image and ``uint8`` train-id map (4 bytes per pixel), and normalises on the evaluation device on every pass with
 the arithmetic of :func:`~segkd_examples.models.normalize_image`, so the images are bitwise the ones the loader
-gives. Memory: about 4 bytes per validation pixel over all ranks (Cityscapes 4.2 GB, COCO-Stuff-164k val 6 GB,
-ADE20K val about 2 GB), held in host memory.
+gives. Memory: about 4 bytes per validation pixel over all ranks (Cityscapes 4.2 GB, COCO-Stuff-164k val about
+5.5 GB, ADE20K val roughly 3 GB), held in host memory.
 """
 
 from __future__ import annotations
