@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="best.pt/last.pt of a run, or a released state dict")
     parser.add_argument("--model", help="model name (default: from the checkpoint's config)")
+    parser.add_argument(
+        "--generation",
+        choices=("auto", "2022", "2025"),
+        default="auto",
+        help="CIRKD code generation of the architecture (default: recognised from the checkpoint's head width)",
+    )
     parser.add_argument("--dataset", help="dataset name (default: from the checkpoint's config)")
     parser.add_argument("--data-root", help="dataset folder (default: from the checkpoint's config)")
     parser.add_argument("--eval-mode", choices=("whole", "slide"), default=None)
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from segkd_examples.engine import autocast_factory, build_datasets, build_val_loader, load_model_weights
     from segkd_examples.logging_utils import json_safe
     from segkd_examples.metrics import evaluate, format_iou_table
-    from segkd_examples.models import build_model
+    from segkd_examples.models import build_model, checkpoint_generation
 
     data = ckpt.load_checkpoint(args.checkpoint, what="checkpoint")
     saved = data.get("config") if data.get("format") == ckpt.FORMAT else None
@@ -83,7 +89,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dist = init_distributed(device=args.device)
     info, _, val_set = build_datasets(cfg)
     num_classes = int(info.num_classes)
-    model = build_model(model_name, num_classes)
+    generation = args.generation
+    if generation == "auto":
+        generation = checkpoint_generation(model_name, data, path=args.checkpoint)
+    model = build_model(model_name, num_classes, generation=generation)
     load_model_weights(model, args.checkpoint, what="checkpoint", data=data)
     model.to(dist.device).eval()
     autocast = autocast_factory(args.amp, dist.device)
@@ -98,17 +107,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stride=cfg.eval_stride,
         label_action=args.label_out_of_range,
         autocast=autocast if args.amp != "none" else None,
+        align_corners=cfg.align_corners,
+        miou_classes=cfg.miou_classes,
     )
     result = {
         "checkpoint": str(args.checkpoint),
         "model": model_name,
+        "generation": generation,
         "dataset": cfg.dataset,
         "miou": miou,
         "iou": iou,
         "class_names": list(info.class_names),
     }
     if dist.is_main:
-        print(format_iou_table(iou, list(info.class_names)))
+        print(format_iou_table(iou, list(info.class_names), cfg.miou_classes))
         print(f"mIoU {100 * miou:.2f} ({cfg.dataset}, {cfg.eval_mode}, {model_name})")
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(json_safe(result), indent=2) + "\n")

@@ -254,7 +254,7 @@ def checkpoint_weights(
     from segkd_examples import checkpoint as ckpt
     from segkd_examples.config import config_from_dict, load_config
     from segkd_examples.engine import build_datasets, load_model_weights
-    from segkd_examples.models import build_model
+    from segkd_examples.models import build_model, checkpoint_generation
 
     student_state = ckpt.load_checkpoint(student_ckpt, what="student checkpoint")
     teacher_state = ckpt.load_checkpoint(teacher_ckpt, what="teacher checkpoint")
@@ -274,7 +274,8 @@ def checkpoint_weights(
 
     def model_from(state: dict[str, Any], path: str, default_name: str, what: str) -> torch.nn.Module:
         name = str(state.get("model_name", default_name)) if state.get("format") == ckpt.FORMAT else default_name
-        model = build_model(name, num_classes)
+        generation = checkpoint_generation(name, state, path=path, what=what)  # CIRKD 2022 or 2025 head width
+        model = build_model(name, num_classes, generation=generation)
         load_model_weights(model, path, what=what, data=state)
         return model.eval().to(device)
 

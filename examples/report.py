@@ -44,7 +44,8 @@ UNKNOWN = "unknown"
 
 #: Published mIoU (%) of the HWD paper's complete comparison (Table II of its supplementary material, latest
 #: revision): (dataset, model, method) -> mIoU. The COCO-Stuff numbers average the IoU over 182 class ids, 11 of
-#: which never occur (see docs/reproduce.md). docs/reproduce.md shows the same numbers (a test checks).
+#: which never occur (see docs/reproduce.md and :func:`paper_scale`). docs/reproduce.md shows the same numbers
+#: (a test checks).
 PUBLISHED: dict[tuple[str, str, str], float] = {
     ("cityscapes", "deeplabv3_r101", "teacher"): 78.07,
     ("ade20k", "deeplabv3_r101", "teacher"): 42.46,
@@ -61,6 +62,10 @@ PUBLISHED: dict[tuple[str, str, str], float] = {
         for method, value in zip(METHOD_ORDER[1:], values, strict=True)
     },
 }
+
+#: COCO-Stuff: the paper's mIoU sums the IoU of the 171 classes that occur and divides by 182 (CIRKD's
+#: utils/score.py over the raw ids, the 11 unused ones counting 0). A run that divides by 171 reads 182/171 higher.
+COCOSTUFF_PAPER_BINS, COCOSTUFF_REAL_CLASSES = 182, 171
 
 #: Keys of a training record that are not loss terms.
 NON_LOSS_KEYS = frozenset({"kind", "iter", "lr", "images_per_s"})
@@ -96,6 +101,10 @@ class Run:
         evals: ``(iteration, mIoU in [0, 1])`` pairs in iteration order.
         losses: per loss term, ``(iteration, value)`` pairs in iteration order.
         last_iter: the largest iteration of any record (0 for an empty file).
+        eval_every: iterations between evaluations, or ``None`` when unknown.
+        num_classes: classes of the trained model (``config.yaml``), or ``None`` when unknown.
+        miou_classes: how its mIoU averages: ``"present"`` classes or ``"all"`` bins (runs before the key:
+            ``"present"``).
     """
 
     metrics_path: Path
@@ -106,6 +115,9 @@ class Run:
     evals: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     losses: dict[str, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
     last_iter: int = 0
+    eval_every: int | None = None
+    num_classes: int | None = None
+    miou_classes: str = "present"
 
     @property
     def group(self) -> tuple[str, str]:
@@ -122,6 +134,30 @@ class Run:
         if not self.evals:
             return None
         return max(v for _, v in self.evals) if metric == "best" else self.evals[-1][1]
+
+    def selection(self, metric: str) -> str:
+        """Which evaluation gives the mIoU: ``"best of 100 (every 400)"``, ``"last (iter 40000)"``, or ``""``."""
+        if not self.evals:
+            return ""
+        if metric == "last":
+            return f"last (iter {self.evals[-1][0]})"
+        every = f" (every {self.eval_every})" if self.eval_every is not None else ""
+        return f"best of {len(self.evals)}{every}"
+
+
+def paper_scale(run: Run) -> float:
+    """Factor that puts the paper's number of ``run``'s row on the scale of ``run``'s mIoU.
+
+    1 except on COCO-Stuff when the run does not average over the paper's 182 bins (the 182-class protocol with
+    ``miou_classes: all``): a 171-class run, or a 182-class run averaging the present classes, divides the same
+    sum of IoUs by 171, so the paper's number is shown times 182/171. Assumes, as on COCO-Stuff-164k val, that the
+    171 real classes all occur in the validation labels or predictions.
+    """
+    if run.dataset != "cocostuff":
+        return 1.0
+    if run.num_classes == COCOSTUFF_PAPER_BINS and run.miou_classes == "all":
+        return 1.0
+    return COCOSTUFF_PAPER_BINS / COCOSTUFF_REAL_CLASSES
 
 
 def _number(value: Any) -> float | None:
@@ -212,6 +248,11 @@ def load_run(metrics_path: Path, warn: Warnings) -> Run | None:
     run.dataset = str(config.get("dataset", UNKNOWN))
     max_iters = _number(config.get("max_iters"))
     run.max_iters = int(max_iters) if max_iters is not None else None
+    eval_every = _number(config.get("eval_every"))
+    run.eval_every = int(eval_every) if eval_every is not None else None
+    num_classes = _number(config.get("num_classes", config.get("cocostuff_classes")))
+    run.num_classes = int(num_classes) if num_classes is not None else None
+    run.miou_classes = "all" if config.get("miou_classes") == "all" else "present"
 
     evals: dict[int, float] = {}
     losses: dict[str, dict[int, float]] = {}
@@ -253,13 +294,16 @@ def sort_runs(runs: Iterable[Run]) -> list[Run]:
     )
 
 
-def baselines(runs: Iterable[Run], metric: str) -> dict[tuple[str, str], float]:
-    """The no-KD mIoU of each ``(dataset, student)``: the mean over its baseline runs that have an evaluation."""
-    values: dict[tuple[str, str], list[float]] = {}
+def baselines(runs: Iterable[Run], metric: str) -> dict[tuple[str, str, float], float]:
+    """The no-KD mIoU of each ``(dataset, student, paper_scale)``: the mean over its baseline runs with an evaluation.
+
+    The scale keeps COCO-Stuff runs scored over 171 and over 182 bins apart (:func:`paper_scale`).
+    """
+    values: dict[tuple[str, str, float], list[float]] = {}
     for run in runs:
         miou = run.miou(metric)
         if run.method == BASELINE_METHOD and miou is not None:
-            values.setdefault(run.group, []).append(miou)
+            values.setdefault((*run.group, paper_scale(run)), []).append(miou)
     return {group: sum(found) / len(found) for group, found in values.items()}
 
 
@@ -270,7 +314,7 @@ def table_rows(runs: Sequence[Run], per_run: bool) -> list[list[Run]]:
     """
     rows: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
-        key: tuple[str, ...] = (run.dataset, run.student, run.method)
+        key: tuple[str, ...] = (run.dataset, run.student, run.method, str(paper_scale(run)))
         if per_run or UNKNOWN in key:
             key = (*key, str(run.metrics_path))
         rows.setdefault(key, []).append(run)
@@ -293,7 +337,7 @@ def unique_labels(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[str, str], float]) -> str:
+def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[str, str, float], float]) -> str:
     """The Markdown table, one line per row of runs (see :func:`table_rows`).
 
     mIoU: the mean over the row's runs that have an evaluation, in percent with two decimals; delta: in points
@@ -301,8 +345,8 @@ def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[st
     mIoU when more than one.
     """
     lines = [
-        "| dataset | student | method | mIoU (%) | delta | runs | iterations | paper (%) | folder |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "| dataset | student | method | mIoU (%) | delta | runs | iterations | paper (%) | selection | folder |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         first = row[0]
@@ -311,8 +355,8 @@ def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[st
         miou_cell = f"{100 * miou:.2f}" if miou is not None else ""
         if first.method in (BASELINE_METHOD, TEACHER_METHOD) or miou is None:
             delta_cell = ""
-        elif first.group in base:
-            delta_cell = f"{100 * (miou - base[first.group]):+.2f}"
+        elif (*first.group, paper_scale(first)) in base:
+            delta_cell = f"{100 * (miou - base[(*first.group, paper_scale(first))]):+.2f}"
         else:
             delta_cell = "no baseline"
         runs_cell = str(len(row))
@@ -325,10 +369,14 @@ def format_table(rows: Sequence[Sequence[Run]], metric: str, base: dict[tuple[st
             iters_cell += " (running)"
         folders = ", ".join(f"`{run.metrics_path.parent}`" for run in row)
         published = PUBLISHED.get((first.dataset, first.student, first.method))
-        paper_cell = f"{published:.2f}" if published is not None else ""
+        scale = paper_scale(first)
+        paper_cell = ""
+        if published is not None:
+            paper_cell = f"{published:.2f}" if scale == 1.0 else f"{published * scale:.2f} ({published:.2f} x 182/171)"
+        selections = sorted({run.selection(metric) for run in row} - {""})
         lines.append(
             f"| {first.dataset} | {first.student} | {first.method} | {miou_cell} | {delta_cell} | {runs_cell} | "
-            f"{iters_cell} | {paper_cell} | {folders} |"
+            f"{iters_cell} | {paper_cell} | {'; '.join(selections)} | {folders} |"
         )
     return "\n".join(lines)
 
@@ -488,8 +536,11 @@ def write_report(
         "averaged over the runs of a row (several seeds; `--per-run` to list them apart). delta: mIoU points over "
         "the no-KD runs (`method: none`) of the same dataset and student, empty for the baseline and the teacher. "
         "runs: how many, with their range. iterations: done/planned (the least advanced run of the row). "
-        "paper: the HWD paper's number for the row (its COCO-Stuff numbers average over 182 class ids, 11 of them "
-        "empty, so they read about 6% lower than a 171-class mIoU; see docs/reproduce.md).",
+        "paper: the HWD paper's number for the row, on the row's scale: its COCO-Stuff numbers average over 182 "
+        "class ids, 11 of them empty (counted 0), so for a run that averages over 171 classes (`cocostuff_classes: "
+        "171`, or `miou_classes: present`) it is shown times 182/171 (see docs/reproduce.md). selection: which "
+        "evaluation each run's mIoU is (the best of how many evaluations, or the last); the paper took the best of "
+        "evaluations every 400 iterations.",
         "",
         "## Training curves",
         "",

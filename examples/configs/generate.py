@@ -20,7 +20,7 @@ from segkd_examples.methods import HWD_MU, PAPER_DEFAULTS  # noqa: E402
 DATASETS: dict[str, dict[str, Any]] = {
     "cityscapes": {"title": "Cityscapes (19 classes)", "teacher_iters": 40000},
     "ade20k": {"title": "ADE20K (150 classes)", "teacher_iters": 80000},
-    "cocostuff": {"title": "COCO-Stuff-164k (171 classes)", "teacher_iters": 80000},
+    "cocostuff": {"title": "COCO-Stuff-164k (182 raw-id classes)", "teacher_iters": 80000},
 }
 STUDENTS = ("deeplabv3_r18", "deeplabv3_mbv2", "pspnet_r18")
 STUDENT_BACKBONES = {
@@ -29,7 +29,8 @@ STUDENT_BACKBONES = {
     "pspnet_r18": "resnet18-imagenet.pth (CIRKD release, deep-stem ResNet-18)",
 }
 TEACHER_CKPT = {
-    "cityscapes": "deeplabv3_resnet101_citys_best_model.pth (CIRKD release, 78.07 mIoU) or best.pt of the teacher run",
+    "cityscapes": "deeplabv3_resnet101_citys_best_model.pth (CIRKD's 2022 file, 78.07 val mIoU; the 2025 file of "
+    "that name loads too, teacher_generation: auto) or best.pt of the teacher run",
     "ade20k": "best.pt of examples/configs/ade20k_deeplabv3_r101_teacher.yaml",
     "cocostuff": "best.pt of examples/configs/cocostuff_deeplabv3_r101_teacher.yaml",
 }
@@ -77,7 +78,16 @@ COMMON_HEADER = [
     "SGD lr 0.01, momentum 0.9, weight decay 1e-4, poly decay power 0.9, global batch 8, 40k iterations,",
     "random scale 0.5-2.0, 512x512 random crop, horizontal flip; loss = CE + 0.4 aux CE (ResNet students)",
     "+ kd_weight * KD; validation images evaluated whole, no test-time augmentation.",
+    "As the authors' code (zju-SWJ/HWD train_*.py, on CIRKD's): logits upsampled with align_corners=True in",
+    "CE and evaluation (losses/loss.py, train_hwd.py validation), students evaluated every 400 iterations with",
+    "the best kept (--val-per-iters 400), mIoU averaged over all class bins (utils/score.py).",
 ]
+
+#: (source, why) of the evaluation and scoring keys, shared by every Table II config.
+AUTHORS_EVAL = {
+    "align_corners": "HWD losses/loss.py SegCrossEntropyLoss, train_hwd.py validation",
+    "miou_classes": "empty classes count 0: CIRKD / HWD utils/score.py",
+}
 
 
 def _yaml_value(value: Any) -> str:
@@ -107,8 +117,12 @@ def _render(header: list[str], body: list[tuple[str, Any, str]], kd: dict[str, A
 
 
 def _dataset_body(dataset: str) -> list[tuple[str, Any, str]]:
+    classes: list[tuple[str, Any, str]] = []
+    if dataset == "cocostuff":
+        classes = [("cocostuff_classes", 182, "raw ids, as the authors' code; 171: mmsegmentation's protocol")]
     return [
         ("dataset", dataset, ""),
+        *classes,
         ("data_root", None, "--data-root DIR (layout in docs/datasets.md)"),
         ("crop_size", [512, 512], "Cityscapes option: [512, 1024] (CIRKD's crop)" if dataset == "cityscapes" else ""),
         ("scale_range", [0.5, 2.0], ""),
@@ -117,7 +131,7 @@ def _dataset_body(dataset: str) -> list[tuple[str, Any, str]]:
     ]
 
 
-def _optim_body(iters: int, eval_every: int) -> list[tuple[str, Any, str]]:
+def _optim_body(iters: int, eval_every: int, eval_source: str) -> list[tuple[str, Any, str]]:
     return [
         ("max_iters", iters, ""),
         ("batch_size", 8, "global, split over the processes"),
@@ -127,8 +141,12 @@ def _optim_body(iters: int, eval_every: int) -> list[tuple[str, Any, str]]:
         ("poly_power", 0.9, ""),
         ("aux_weight", 0.4, "used when the model has an aux head (ResNet students and teacher)"),
         ("amp", "none", "bf16 on recent GPUs"),
-        ("eval_every", eval_every, ""),
+        ("eval_every", eval_every, eval_source),
+        ("ckpt_every", 4000, "last.pt (for --resume) less often than the evaluations"),
         ("eval_mode", "whole", ""),
+        ("eval_cache", True, "validation images decoded once, kept in host memory (docs/reproduce.md: cost)"),
+        ("align_corners", True, AUTHORS_EVAL["align_corners"]),
+        ("miou_classes", "all", AUTHORS_EVAL["miou_classes"]),
         ("seed", 0, ""),
     ]
 
@@ -153,7 +171,7 @@ def student_config(dataset: str, student: str, method: str) -> str:
         ("teacher_ckpt", None, f"--teacher-ckpt {TEACHER_CKPT[dataset]}" if method != "none" else "not used"),
         ("method", method, ""),
         ("kd_weight", weight, "lambda"),
-        *_optim_body(40000, 4000),
+        *_optim_body(40000, 400, "HWD train_*.py --val-per-iters 400; report.py shows the best (default)"),
         ("out", f"runs/{dataset}/{student}_{method}", ""),
     ]
     return _render(header, body, kd)
@@ -174,7 +192,7 @@ def teacher_config(dataset: str) -> str:
         ("train_teacher", True, ""),
         ("method", "none", ""),
         ("kd_weight", 0.0, ""),
-        *_optim_body(iters, 8000),
+        *_optim_body(iters, 800, "CIRKD train_baseline.py --val-per-iters 800 (the teachers' code base)"),
         ("out", f"runs/{dataset}/teacher_deeplabv3_r101", ""),
     ]
     return _render(header, body, {})

@@ -20,6 +20,7 @@ import yaml
 __all__ = [
     "AMP_MODES",
     "EVAL_MODES",
+    "MIOU_CLASSES",
     "METHODS",
     "PAIR_KEYS",
     "ConfigError",
@@ -36,6 +37,7 @@ PAIR_KEYS = ("crop_size", "eval_crop", "eval_stride", "scale_range")
 METHODS = ("none", "hwd", "cwd", "dist", "skd", "ifvd", "mgd", "cirkd")
 AMP_MODES = ("none", "bf16", "fp16")
 EVAL_MODES = ("whole", "slide")
+MIOU_CLASSES = ("present", "all")
 
 
 class ConfigError(ValueError):
@@ -57,11 +59,13 @@ class TrainConfig:
     synthetic_val_length: int = 16
     synthetic_size: int = 64
     synthetic_classes: int = 8
+    cocostuff_classes: int = 171  # 171 (mmsegmentation train ids) or 182 (raw ids, as the CIRKD/HWD code)
     label_out_of_range: str = "error"  # "error" or "ignore" (count such pixels as ignore_index)
     # models
     student: str = "deeplabv3_r18"
     teacher: str = "deeplabv3_r101"
     teacher_ckpt: str | None = None
+    teacher_generation: str = "auto"  # CIRKD code generation of teacher_ckpt: "auto" (from the file), "2022", "2025"
     student_pretrained: str | None = None
     train_teacher: bool = False
     channels_last: bool = False
@@ -82,7 +86,10 @@ class TrainConfig:
     grad_clip: float | None = None
     # evaluation
     eval_every: int = 4000
+    miou_classes: str = "present"  # mean over "present" classes (mmsegmentation) or "all" bins, empty = 0 (CIRKD)
+    align_corners: bool = False  # bilinear upsampling of logits (CE and evaluation); the HWD/CIRKD code uses true
     eval_mode: str = "whole"
+    eval_cache: bool = False  # decode this rank's validation images once and keep them in memory (evalcache.py)
     eval_crop: list[int] | None = None
     eval_stride: list[int] | None = None
     max_eval_images: int | None = None
@@ -107,6 +114,10 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         _choice("eval_mode", self.eval_mode, EVAL_MODES)
         _choice("label_out_of_range", self.label_out_of_range, ("error", "ignore"))
+        _choice("teacher_generation", self.teacher_generation, ("auto", "2022", "2025"))
+        _choice("miou_classes", self.miou_classes, MIOU_CLASSES)
+        if self.cocostuff_classes not in (171, 182):
+            raise ConfigError(f"Expected `cocostuff_classes` to be 171 or 182, got {self.cocostuff_classes}.")
         for key in ("max_iters", "batch_size", "eval_every", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"Expected `{key}` to be >= 1, got {getattr(self, key)}.")

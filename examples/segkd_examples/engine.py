@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from segkd_examples import checkpoint as ckpt
 from segkd_examples.config import ConfigError, TrainConfig, config_to_dict
 from segkd_examples.distributed import DistInfo, all_reduce_sum, barrier, gather_objects
+from segkd_examples.evalcache import CachedValImages
 from segkd_examples.logging_utils import MetricsLog, Progress
 from segkd_examples.methods import Distiller, build_distiller, check_input_size, model_info, resolve_kd
 from segkd_examples.metrics import check_label_range, evaluate, format_iou_table
@@ -46,6 +47,7 @@ __all__ = [
     "seed_everything",
     "train",
     "trained_model_name",
+    "val_shard",
 ]
 
 
@@ -111,19 +113,29 @@ class DistillationStep(nn.Module):
         L = \mathrm{CE}(\uparrow s, y) + w_\text{aux}\,\mathrm{CE}(\uparrow s_\text{aux}, y)
             + \lambda\,L_\text{KD}(s, t),
 
-    with logits upsampled bilinearly (``align_corners=False``) to the label size and pixels labelled
-    ``ignore_index`` skipped; the KD term comes from the distiller at the models' own 1/8 resolution.
+    with logits upsampled bilinearly to the label size (``align_corners`` as configured: ``True`` in the HWD and
+    CIRKD code, ``losses/loss.py`` ``SegCrossEntropyLoss``) and pixels labelled ``ignore_index`` skipped; the KD
+    term comes from the distiller at the models' own 1/8 resolution.
     """
 
-    def __init__(self, student: nn.Module, distiller: Distiller, *, aux_weight: float, ignore_index: int) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        distiller: Distiller,
+        *,
+        aux_weight: float,
+        ignore_index: int,
+        align_corners: bool = False,
+    ) -> None:
         super().__init__()
         self.student = student
         self.distiller = distiller
         self.aux_weight = float(aux_weight)
         self.ignore_index = int(ignore_index)
+        self.align_corners = bool(align_corners)
 
     def _ce(self, logits: Tensor, labels: Tensor) -> Tensor:
-        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        up = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return F.cross_entropy(up.float(), labels, ignore_index=self.ignore_index)
 
     def forward(self, images: Tensor, labels: Tensor, teacher_out: Any) -> tuple[Tensor, dict[str, Tensor]]:
@@ -194,12 +206,14 @@ def trained_model_name(cfg: TrainConfig) -> str:
 def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, nn.Module | None]:
     """Build the trained model (the student, or the teacher with ``train_teacher``) and the frozen teacher.
 
-    The frozen teacher is built only when a method needs it; its weights come from ``teacher_ckpt``.
+    The frozen teacher is built only when a method needs it; its weights come from ``teacher_ckpt``, its
+    architecture from ``teacher_generation`` (``"auto"``: the CIRKD code generation the file's head width fits,
+    written back into ``cfg``).
 
     Raises:
         ConfigError: a KD method without ``teacher_ckpt``.
     """
-    from segkd_examples.models import build_model
+    from segkd_examples.models import build_model, checkpoint_generation
 
     student = build_model(trained_model_name(cfg), num_classes, backbone_weights=cfg.student_pretrained)
     if cfg.train_teacher or cfg.method == "none":
@@ -209,8 +223,13 @@ def build_student_and_teacher(cfg: TrainConfig, num_classes: int) -> tuple[nn.Mo
             f"`method: {cfg.method}` distils from a trained teacher: pass --teacher-ckpt PATH "
             "(a released teacher state dict, or best.pt of a --train-teacher run)."
         )
-    teacher = build_model(cfg.teacher, num_classes)
-    load_model_weights(teacher, cfg.teacher_ckpt, what="teacher checkpoint")
+    data = ckpt.load_checkpoint(cfg.teacher_ckpt, what="teacher checkpoint")
+    if cfg.teacher_generation == "auto":  # the resolved generation is recorded in config.yaml
+        cfg.teacher_generation = checkpoint_generation(
+            cfg.teacher, data, path=cfg.teacher_ckpt, what="teacher checkpoint"
+        )
+    teacher = build_model(cfg.teacher, num_classes, generation=cfg.teacher_generation)
+    load_model_weights(teacher, cfg.teacher_ckpt, what="teacher checkpoint", data=data)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -225,15 +244,13 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     from segkd_examples.data import build_dataset, check_dataset_root, dataset_info
 
     synthetic = cfg.dataset == "synthetic"
-    info = (
-        dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes) if synthetic else dataset_info(cfg.dataset)
-    )
+    info = dataset_info(cfg.dataset, synthetic_classes=cfg.synthetic_classes, cocostuff_classes=cfg.cocostuff_classes)
     if not synthetic:
         if not cfg.data_root:
             raise ConfigError(f"`dataset: {cfg.dataset}` needs --data-root (the folder described in docs/datasets.md).")
         check_dataset_root(cfg.dataset, cfg.data_root, "train")
         check_dataset_root(cfg.dataset, cfg.data_root, "val")
-    common: dict[str, Any] = {"seed": cfg.seed}
+    common: dict[str, Any] = {"seed": cfg.seed, "cocostuff_classes": cfg.cocostuff_classes}
     if synthetic:
         common["synthetic_size"] = cfg.synthetic_size
         common["synthetic_classes"] = cfg.synthetic_classes
@@ -305,12 +322,17 @@ class _TrainStream:
             epoch, skip = epoch + 1, 0
 
 
-def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
-    """Batch-1 loader over this rank's share of the validation images (no padding, no duplicates)."""
+def val_shard(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> list[int]:
+    """This rank's validation items: every ``world_size``-th of the first ``max_eval_images`` (no padding)."""
     indices = list(range(len(val_set)))
     if cfg.max_eval_images is not None:
         indices = indices[: cfg.max_eval_images]
-    shard = indices[dist.rank :: dist.world_size]  # no padding: every image counted exactly once
+    return indices[dist.rank :: dist.world_size]  # no padding: every image counted exactly once
+
+
+def build_val_loader(val_set: Any, cfg: TrainConfig, dist: DistInfo) -> DataLoader[Any]:
+    """Batch-1 loader over this rank's share of the validation images (no padding, no duplicates)."""
+    shard = val_shard(val_set, cfg, dist)
     return DataLoader(
         torch.utils.data.Subset(val_set, shard),
         batch_size=1,
@@ -389,7 +411,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     if discriminator is not None:
         discriminator.to(device)
 
-    step_module: nn.Module = DistillationStep(student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index)
+    step_module: nn.Module = DistillationStep(
+        student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index, align_corners=cfg.align_corners
+    )
     disc_ids = {id(t) for t in (*discriminator.parameters(), *discriminator.buffers())} if discriminator else set()
     trainable = [p for p in step_module.parameters() if p.requires_grad and id(p) not in disc_ids]
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -457,13 +481,15 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     )
     progress = Progress(cfg.max_iters, start_iter, enabled=dist.is_main and cfg.progress)
     stream = _TrainStream(train_set, cfg, dist, per_rank_batch)
-    val_loader = build_val_loader(val_set, cfg, dist)
+    val_batches: Any = build_val_loader(val_set, cfg, dist)
+    if cfg.eval_cache:
+        val_batches = CachedValImages(val_set, val_shard(val_set, cfg, dist), device=device, workers=cfg.workers)
 
     def run_eval(iteration: int) -> tuple[float, list[float]]:
         student.eval()
         miou, iou, _ = evaluate(
             lambda x: student(x.contiguous(memory_format=memory_format)).logits,
-            val_loader,
+            val_batches,
             num_classes,
             device=device,
             ignore_index=ignore_index,
@@ -472,6 +498,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             stride=cfg.eval_stride,
             label_action=cfg.label_out_of_range,
             autocast=autocast if cfg.amp != "none" else None,
+            align_corners=cfg.align_corners,
+            miou_classes=cfg.miou_classes,
         )
         student.train()
         log.write({"kind": "eval", "iter": iteration, "miou": miou, "iou": iou})
@@ -581,7 +609,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     progress.close()
     barrier()
     if dist.is_main and start_iter < cfg.max_iters and not math.isnan(last_miou):
-        print(format_iou_table(iou, class_names if len(class_names) == num_classes else None), flush=True)
+        names = class_names if len(class_names) == num_classes else None
+        print(format_iou_table(iou, names, cfg.miou_classes), flush=True)
     log.close()
     return TrainResult(
         best_miou=best_miou,

@@ -244,6 +244,37 @@ def test_cocostuff_label_train_ids_are_used_when_present(tmp_path: Path) -> None
         assert torch.equal(label, _expected(raws[i], {0: 0, 5: 5, 170: 170}))
 
 
+def test_cocostuff_182_protocol_keeps_raw_ids(tmp_path: Path) -> None:
+    # CIRKD's dataset/coco_stuff_164k.py: the raw ids 0..181 are the classes, 255 is ignored.
+    raws = make_cocostuff(tmp_path, train_ids=False)
+    ds = build_dataset("cocostuff", tmp_path, "val", cocostuff_classes=182)
+    for i in range(2):
+        _, label = ds[i]
+        assert torch.equal(label, _expected(raws[i], {v: v for v in range(182)}))
+
+
+def test_cocostuff_182_protocol_from_label_train_ids(tmp_path: Path) -> None:
+    # mmsegmentation's train ids back to raw ids: 0 -> 0, 5 -> 5, 170 (the last class, wood) -> 181; 171 is invalid.
+    raws = make_cocostuff(tmp_path, train_ids=True)
+    ds = build_dataset("cocostuff", tmp_path, "val", cocostuff_classes=182)
+    for i in range(2):
+        _, label = ds[i]
+        assert torch.equal(label, _expected(raws[i], {0: 0, 5: 5, 170: 181}))
+
+
+def test_cocostuff_182_class_names() -> None:
+    info = dataset_info("cocostuff", cocostuff_classes=182)
+    assert info.num_classes == 182
+    assert info.class_names[0] == "person"
+    assert info.class_names[12] == "stop sign"
+    assert info.class_names[91] == "banner"
+    assert info.class_names[181] == "wood"
+    unused = [i for i, name in enumerate(info.class_names) if name.startswith("unused")]
+    assert unused == [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+    with pytest.raises(ValueError, match="`cocostuff_classes` to be 171 or 182, got 180"):
+        dataset_info("cocostuff", cocostuff_classes=180)
+
+
 # ----------------------------------------------------------------------------- bad roots
 
 

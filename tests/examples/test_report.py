@@ -341,3 +341,20 @@ def test_method_colours_are_fixed_and_shared_by_the_per_run_curves(monkeypatch, 
     monkeypatch.setattr(report, "_new_figure", lambda size: figures.append(original(size)) or figures[-1])
     report.plot_run(_run("hwd", [(100, 0.5), (200, 0.6)]), tmp_path / "run.png", "hwd")
     assert figures[0].axes[0].get_lines()[0].get_color() == report.method_colours(["hwd"])["hwd"]
+def test_selection_and_cocostuff_paper_scale(tmp_path: Path) -> None:
+    # Two COCO-Stuff runs of the same row, one per protocol: separate evaluations, the paper's 26.05 on each scale.
+    root = tmp_path / "runs"
+    base = "dataset: cocostuff\nstudent: deeplabv3_r18\nteacher: deeplabv3_r101\nmethod: none\nmax_iters: 300\n"
+    write_run(root / "c182", base + "num_classes: 182\nmiou_classes: all\neval_every: 100\n", [0.25, 0.26, 0.255])
+    write_run(root / "c171", base + "num_classes: 171\nmiou_classes: present\neval_every: 100\n", [0.27, 0.28])
+    for folder, expected in (("c182", "26.05"), ("c171", f"{26.05 * 182 / 171:.2f} (26.05 x 182/171)")):
+        out = tmp_path / f"out_{folder}"
+        assert report.main([str(root / folder), "--out", str(out)]) == 0
+        cells = table_rows((out / "report.md").read_text())[("cocostuff", "deeplabv3_r18", "none")]
+        assert cells[4] == expected
+        assert cells[5] == f"best of {3 if folder == 'c182' else 2} (every 100)"
+    out = tmp_path / "out_last"
+    assert report.main([str(root / "c182"), "--out", str(out), "--metric", "last"]) == 0
+    cells = table_rows((out / "report.md").read_text())[("cocostuff", "deeplabv3_r18", "none")]
+    assert cells[0] == "25.50"
+    assert cells[5] == "last (iter 300)"

@@ -271,3 +271,15 @@ def test_evaluate_script_needs_model_and_dataset_for_a_plain_state_dict(tmp_path
         ["--checkpoint", str(plain), "--model", "tiny_student", "--dataset", "synthetic", "--set", "synthetic_size=32"]
     )
     assert 0.0 <= out["miou"] <= 1.0
+
+
+def test_eval_cache_gives_the_same_evaluations(tmp_path):
+    # eval_cache keeps the validation images in memory; the evaluations must not change (same images, same model).
+    results = {}
+    for cache in (False, True):
+        out = tmp_path / str(cache)
+        engine.train(tiny_config(out, max_iters=4, eval_every=2, eval_cache=cache), DistInfo())
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        results[cache] = [(r["iter"], r["miou"], r["iou"]) for r in records if r["kind"] == "eval"]
+    assert len(results[True]) == 2
+    assert results[True] == results[False]

@@ -11,6 +11,7 @@ from .folder import DatasetFileError, SegmentationFolder
 from .info import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
+    COCOSTUFF_182_CLASSES,
     COCOSTUFF_CLASSES,
     DATASETS,
     IGNORE_INDEX,
@@ -51,6 +52,7 @@ __all__ = [
     "CITYSCAPES_CLASSES",
     "ADE20K_CLASSES",
     "COCOSTUFF_CLASSES",
+    "COCOSTUFF_182_CLASSES",
     "CITYSCAPES_ID_TO_TRAIN_ID",
     "COCOSTUFF_RAW_TO_TRAIN_ID",
 ]

@@ -41,6 +41,7 @@ def build_dataset(
     synthetic_size: int | None = None,
     seed: int = 0,
     synthetic_classes: int = 8,
+    cocostuff_classes: int = 171,
 ) -> Dataset[tuple[Tensor, Tensor]]:
     """Build a split of a dataset whose items are ``(image, label)``.
 
@@ -61,6 +62,7 @@ def build_dataset(
         synthetic_size: synthetic image side (default 64).
         seed: base seed of the augmentation and of the synthetic images.
         synthetic_classes: number of synthetic classes, background included (default 8).
+        cocostuff_classes: COCO-Stuff protocol: 171 (mmsegmentation train ids) or 182 (raw ids, CIRKD / HWD).
 
     Returns:
         A map-style dataset with ``set_epoch(epoch)``.
@@ -89,7 +91,7 @@ def build_dataset(
     low, high = _check_pair(scale_range, "scale_range")
     if not 0 < low <= high:
         raise ValueError(f"Expected `scale_range` to be (low, high) with 0 < low <= high, got {scale_range!r}.")
-    layout = find_samples(name, root, split)
+    layout = find_samples(name, root, split, cocostuff_classes=cocostuff_classes)
     return SegmentationFolder(
         name,
         layout.samples,

@@ -10,6 +10,8 @@ __all__ = [
     "ADE20K_CLASSES",
     "CITYSCAPES_CLASSES",
     "COCOSTUFF_CLASSES",
+    "COCOSTUFF_182_CLASSES",
+    "COCOSTUFF_CLASS_COUNTS",
     "DATASETS",
     "IGNORE_INDEX",
     "SYNTHETIC_CLASSES",
@@ -70,6 +72,17 @@ COCOSTUFF_CLASSES = (
     "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 )  # fmt: skip
 
+#: The 0-based raw ids of COCO-Stuff-164k that no pixel uses (COCO's unused thing category ids, minus 1).
+_COCOSTUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+#: The 182 classes of the raw-id protocol of the CIRKD / HWD code, in raw-id order: the 171 classes at their raw
+#: ids and ``"unused <id>"`` at the 11 ids no pixel uses.
+COCOSTUFF_182_CLASSES = tuple(
+    f"unused {raw}" if raw in _COCOSTUFF_UNUSED else COCOSTUFF_CLASSES[raw - sum(u < raw for u in _COCOSTUFF_UNUSED)]
+    for raw in range(182)
+)
+#: Class counts of the two COCO-Stuff protocols: 171 (mmsegmentation) and 182 (raw ids, CIRKD / HWD code).
+COCOSTUFF_CLASS_COUNTS = (171, 182)
+
 #: Names of the first synthetic classes (class 0 is the background); further classes are numbered.
 SYNTHETIC_CLASSES = ("background", "disc", "square", "triangle", "bar", "ring", "cross", "diamond")
 
@@ -96,18 +109,20 @@ def synthetic_class_names(num_classes: int) -> tuple[str, ...]:
     return tuple(SYNTHETIC_CLASSES[i] if i < len(SYNTHETIC_CLASSES) else f"shape {i}" for i in range(num_classes))
 
 
-def dataset_info(name: str, *, synthetic_classes: int = 8) -> DatasetInfo:
+def dataset_info(name: str, *, synthetic_classes: int = 8, cocostuff_classes: int = 171) -> DatasetInfo:
     """Class count and names of a dataset.
 
     Args:
         name: one of :data:`DATASETS`.
         synthetic_classes: number of classes of the ``synthetic`` dataset (>= 2), ignored for the others.
+        cocostuff_classes: COCO-Stuff protocol, 171 (mmsegmentation's train ids) or 182 (the raw ids, as the
+            CIRKD and HWD code train and score it); ignored for the others.
 
     Returns:
-        The :class:`DatasetInfo` (19 classes for Cityscapes, 150 for ADE20K, 171 for COCO-Stuff-164k).
+        The :class:`DatasetInfo` (19 classes for Cityscapes, 150 for ADE20K, 171 or 182 for COCO-Stuff-164k).
 
     Raises:
-        ValueError: unknown ``name``; ``synthetic_classes`` < 2.
+        ValueError: unknown ``name``; ``synthetic_classes`` < 2; ``cocostuff_classes`` not 171 or 182.
 
     Example:
         >>> dataset_info("cityscapes").class_names[:3]
@@ -119,7 +134,10 @@ def dataset_info(name: str, *, synthetic_classes: int = 8) -> DatasetInfo:
     if name == "ade20k":
         return DatasetInfo(name, len(ADE20K_CLASSES), ADE20K_CLASSES)
     if name == "cocostuff":
-        return DatasetInfo(name, len(COCOSTUFF_CLASSES), COCOSTUFF_CLASSES)
+        if cocostuff_classes not in COCOSTUFF_CLASS_COUNTS:
+            raise ValueError(f"Expected `cocostuff_classes` to be 171 or 182, got {cocostuff_classes!r}.")
+        names = COCOSTUFF_182_CLASSES if cocostuff_classes == 182 else COCOSTUFF_CLASSES
+        return DatasetInfo(name, len(names), names)
     _checks.check_int(synthetic_classes, "synthetic_classes")
     if synthetic_classes < 2:
         raise ValueError(

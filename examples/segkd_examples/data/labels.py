@@ -17,6 +17,8 @@ __all__ = [
     "CITYSCAPES_LUT",
     "COCOSTUFF_RAW_TO_TRAIN_ID",
     "COCOSTUFF_RAW_LUT",
+    "COCOSTUFF_RAW_ID_LUT",
+    "COCOSTUFF_TRAIN_ID_TO_RAW_LUT",
     "COCOSTUFF_TRAIN_ID_LUT",
     "COCOSTUFF_UNUSED_RAW_IDS",
     "apply_lut",
@@ -57,3 +59,7 @@ COCOSTUFF_RAW_TO_TRAIN_ID: dict[int, int] = {
 COCOSTUFF_RAW_LUT = lut_from_mapping(COCOSTUFF_RAW_TO_TRAIN_ID)
 #: ``*_labelTrainIds.png`` already hold train ids 0..170; anything else is ignored.
 COCOSTUFF_TRAIN_ID_LUT = lut_from_mapping({v: v for v in range(171)})
+#: The 182-class protocol of the CIRKD / HWD code (``dataset/coco_stuff_164k.py``): raw ids 0..181 are the classes.
+COCOSTUFF_RAW_ID_LUT = lut_from_mapping({v: v for v in range(182)})
+#: The 182-class protocol from mmsegmentation's ``*_labelTrainIds.png``: train id -> raw id (the inverse renumbering).
+COCOSTUFF_TRAIN_ID_TO_RAW_LUT = lut_from_mapping({train: raw for raw, train in COCOSTUFF_RAW_TO_TRAIN_ID.items()})

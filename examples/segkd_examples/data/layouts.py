@@ -17,7 +17,14 @@ import numpy as np
 from segkd import _checks
 
 from .info import DATASETS
-from .labels import ADE20K_LUT, CITYSCAPES_LUT, COCOSTUFF_RAW_LUT, COCOSTUFF_TRAIN_ID_LUT
+from .labels import (
+    ADE20K_LUT,
+    CITYSCAPES_LUT,
+    COCOSTUFF_RAW_ID_LUT,
+    COCOSTUFF_RAW_LUT,
+    COCOSTUFF_TRAIN_ID_LUT,
+    COCOSTUFF_TRAIN_ID_TO_RAW_LUT,
+)
 
 __all__ = [
     "EXPECTED_COUNTS",
@@ -144,7 +151,7 @@ def _ade20k(root: Path, split: str) -> DatasetLayout:
     return DatasetLayout(samples, ADE20K_LUT, "ADE20K annotations (0 ignored, 1..150 -> 0..149)")
 
 
-def _cocostuff(root: Path, split: str) -> DatasetLayout:
+def _cocostuff(root: Path, split: str, classes: int = 171) -> DatasetLayout:
     folder = {"train": "train2017", "val": "val2017"}[split]
     image_dir, label_dir = root / "images" / folder, root / "annotations" / folder
     _require_dir(image_dir, "COCO-Stuff-164k", "images", "*.jpg")
@@ -154,19 +161,29 @@ def _cocostuff(root: Path, split: str) -> DatasetLayout:
     if train_id_files:
         label_for = {i: label_dir / (i.stem + "_labelTrainIds.png") for i in images}
         samples = _pair(images, label_for, train_id_files, "COCO-Stuff-164k", image_dir, "*.jpg", label_dir)
+        if classes == 182:
+            return DatasetLayout(
+                samples, COCOSTUFF_TRAIN_ID_TO_RAW_LUT, "COCO-Stuff labelTrainIds (171 train ids -> 182 raw ids)"
+            )
         return DatasetLayout(samples, COCOSTUFF_TRAIN_ID_LUT, "COCO-Stuff labelTrainIds (171 train ids)")
     label_for = {i: label_dir / (i.stem + ".png") for i in images}
     samples = _pair(images, label_for, set(label_dir.glob("*.png")), "COCO-Stuff-164k", image_dir, "*.jpg", label_dir)
+    if classes == 182:
+        return DatasetLayout(samples, COCOSTUFF_RAW_ID_LUT, "COCO-Stuff raw stuffthingmaps (182 raw ids)")
     return DatasetLayout(samples, COCOSTUFF_RAW_LUT, "COCO-Stuff raw stuffthingmaps (182 ids -> 171 train ids)")
 
 
-def find_samples(name: str, root: str | os.PathLike[str] | None, split: str) -> DatasetLayout:
+def find_samples(
+    name: str, root: str | os.PathLike[str] | None, split: str, *, cocostuff_classes: int = 171
+) -> DatasetLayout:
     """List the image/label pairs of one split of a dataset on disk.
 
     Args:
         name: ``"cityscapes"``, ``"ade20k"`` or ``"cocostuff"``.
         root: the dataset root described in ``docs/datasets.md``.
         split: ``"train"`` or ``"val"``.
+        cocostuff_classes: COCO-Stuff protocol, 171 or 182 classes (the label table differs; see
+            ``docs/datasets.md``).
 
     Returns:
         The split's :class:`DatasetLayout`.
@@ -185,7 +202,11 @@ def find_samples(name: str, root: str | os.PathLike[str] | None, split: str) -> 
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DatasetRootError(f"The {name} root {path} is not an existing folder; {_listing(path)}.")
-    finder = {"cityscapes": _cityscapes, "ade20k": _ade20k, "cocostuff": _cocostuff}[name]
+    if name == "cocostuff":
+        if cocostuff_classes not in (171, 182):
+            raise ValueError(f"Expected `cocostuff_classes` to be 171 or 182, got {cocostuff_classes!r}.")
+        return _cocostuff(path, split, cocostuff_classes)
+    finder = {"cityscapes": _cityscapes, "ade20k": _ade20k}[name]
     return finder(path, split)
 
 

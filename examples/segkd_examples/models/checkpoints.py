@@ -25,7 +25,15 @@ from torch import nn
 
 from segkd_examples.checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["CheckpointError", "load_backbone_weights", "load_checkpoint_into", "load_state_into"]
+from .generations import HEAD_CHANNELS, WIDTH_KEY, infer_generation
+
+__all__ = [
+    "CheckpointError",
+    "checkpoint_generation",
+    "load_backbone_weights",
+    "load_checkpoint_into",
+    "load_state_into",
+]
 
 _SHOW = 5  # how many keys a message lists
 _NESTED_KEYS = ("state_dict", "model")
@@ -58,10 +66,30 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def _generation_hint(name: str | None, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    mine, theirs = own.get(WIDTH_KEY), state.get(WIDTH_KEY)
+    if mine is None or theirs is None or mine.shape == theirs.shape or theirs.dim() == 0:
+        return ""
+    for (model, gen), width in HEAD_CHANNELS.items():
+        if model == name and theirs.shape[0] == width:
+            return (
+                f"the file's head is {width} channels wide, CIRKD's {gen} {name}: build the model with "
+                f"generation={gen!r} (the pipeline's `teacher_generation: auto` does it from the file)"
+            )
+    return ""
+
+
 def _hints(
-    num_classes: int | None, own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], missing: list[str]
+    num_classes: int | None,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    missing: list[str],
+    name: str | None = None,
 ) -> list[str]:
     hints: list[str] = []
+    generation = _generation_hint(name, own, state)
+    if generation:
+        hints.append(generation)
     for key, value in state.items():
         mine = own.get(key)
         if (
@@ -112,7 +140,7 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], *, path: Pat
         if mismatched:
             shown = "; ".join(f"{k}: file {_shape(state[k])} vs model {_shape(own[k])}" for k in mismatched[:_SHOW])
             parts.append(f"{len(mismatched)} shape mismatches (first: {shown})")
-        hints = _hints(getattr(module, "num_classes", None), own, state, missing)
+        hints = _hints(getattr(module, "num_classes", None), own, state, missing, getattr(module, "name", None))
         message = f"The {what} {path} does not match {label}: " + "; ".join(parts) + "."
         if hints:
             message += " Hint: " + "; ".join(hints) + "."
@@ -166,6 +194,27 @@ def load_state_into(model: nn.Module, data: Mapping[str, Any], *, path: str | os
     """
     path = Path(path)
     _load_strict(model, _state_dict_from(data, path, what), path=path, what=what, label=_label(model))
+
+
+def checkpoint_generation(
+    name: str, data: Mapping[str, Any], *, path: str | os.PathLike[str], what: str = "checkpoint"
+) -> str:
+    """The CIRKD generation (``"2022"`` or ``"2025"``) of model ``name`` that a checkpoint's weights fit.
+
+    Read from the head width (:func:`~segkd_examples.models.generations.infer_generation`), in any layout
+    :func:`load_checkpoint_into` accepts (so also the pipeline's own ``best.pt``).
+
+    Args:
+        name: the model the weights are for.
+        data: the mapping read from ``path`` (:func:`segkd_examples.checkpoint.load_checkpoint`).
+        path: the file, for messages.
+        what: what the file is for, used in messages.
+
+    Raises:
+        CheckpointError: non-tensor entries, or a head width that is neither generation's.
+    """
+    path = Path(path)
+    return infer_generation(name, _state_dict_from(data, path, what), source=f"The {what} {path}")
 
 
 def load_backbone_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:

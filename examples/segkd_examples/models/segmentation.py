@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from segkd import _checks
 
+from .generations import GENERATIONS, head_channels
 from .heads import DeepLabV3Head, FCNHead, PSPHead, TinyHead
 from .mobilenetv2 import DilatedMobileNetV2
 from .resnet import resnet18_v1s, resnet101_v1s
@@ -114,14 +115,14 @@ class SegmentationModel(nn.Module):
         )
 
 
-def _build(name: str, num_classes: int) -> SegmentationModel:
+def _build(name: str, num_classes: int, generation: str) -> SegmentationModel:
     backbone: nn.Module
     if name == "deeplabv3_r101":
-        backbone, channels = resnet101_v1s(), 256
+        backbone, channels = resnet101_v1s(), head_channels(name, generation, 256)
         head: nn.Module = DeepLabV3Head(2048, channels, num_classes)
         aux: nn.Module | None = FCNHead(1024, num_classes)
     elif name == "deeplabv3_r18":
-        backbone, channels = resnet18_v1s(), 128
+        backbone, channels = resnet18_v1s(), head_channels(name, generation, 128)
         head, aux = DeepLabV3Head(512, channels, num_classes), FCNHead(256, num_classes)
     elif name == "pspnet_r18":
         backbone, channels = resnet18_v1s(), 128
@@ -137,14 +138,16 @@ def _build(name: str, num_classes: int) -> SegmentationModel:
     return SegmentationModel(name, backbone, head, aux, num_classes, channels)
 
 
-def build_model(name: str, num_classes: int, *, backbone_weights: str | None = None) -> SegmentationModel:
+def build_model(
+    name: str, num_classes: int, *, backbone_weights: str | None = None, generation: str = "2022"
+) -> SegmentationModel:
     """Build one of the segmentation models in :data:`MODEL_NAMES`.
 
     ====================  ========================================  ================  ========
     name                  backbone / head                           ``D`` (features)  aux head
     ====================  ========================================  ================  ========
-    ``deeplabv3_r101``    deep-stem dilated ResNet-101 / ASPP       256               yes
-    ``deeplabv3_r18``     deep-stem dilated ResNet-18 / ASPP        128               yes
+    ``deeplabv3_r101``    deep-stem dilated ResNet-101 / ASPP       256 (2025: 512)   yes
+    ``deeplabv3_r18``     deep-stem dilated ResNet-18 / ASPP        128 (2025: 512)   yes
     ``pspnet_r18``        deep-stem dilated ResNet-18 / PSP         128               yes
     ``deeplabv3_mbv2``    dilated MobileNetV2 / ASPP                128               no
     ``tiny_teacher``      4 conv stages, width 16 / 3x3 conv        64                yes
@@ -157,18 +160,22 @@ def build_model(name: str, num_classes: int, *, backbone_weights: str | None = N
         backbone_weights: path to ImageNet weights of the backbone in the CIRKD layout (``resnet18-imagenet.pth``,
             ``resnet101-imagenet.pth``, ``mobilenetv2-imagenet.pth``), loaded strictly with
             :func:`~segkd_examples.models.load_backbone_weights`; ``None`` for random initialisation.
+        generation: which CIRKD code the architecture follows, ``"2022"`` (commit 2d8ad0f, what the HWD paper
+            used) or ``"2025"`` (DeepLabV3 heads 512 wide); see :mod:`segkd_examples.models.generations`.
 
     Returns:
         The model, in training mode, on the CPU.
 
     Raises:
-        ValueError: unknown ``name``; ``num_classes`` < 1; ``backbone_weights`` given for a tiny model.
+        ValueError: unknown ``name`` or ``generation``; ``num_classes`` < 1; ``backbone_weights`` given for a tiny
+            model.
         TypeError: ``num_classes`` not an int.
         CheckpointError: ``backbone_weights`` cannot be read or does not match the backbone.
     """
     _checks.check_choice(name, "name", MODEL_NAMES)
     _checks.check_positive_int(num_classes, "num_classes")
-    model = _build(name, num_classes)
+    _checks.check_choice(generation, "generation", GENERATIONS)
+    model = _build(name, num_classes, generation)
     if backbone_weights is not None:
         from .checkpoints import load_backbone_weights
 
