@@ -341,6 +341,8 @@ def test_method_colours_are_fixed_and_shared_by_the_per_run_curves(monkeypatch, 
     monkeypatch.setattr(report, "_new_figure", lambda size: figures.append(original(size)) or figures[-1])
     report.plot_run(_run("hwd", [(100, 0.5), (200, 0.6)]), tmp_path / "run.png", "hwd")
     assert figures[0].axes[0].get_lines()[0].get_color() == report.method_colours(["hwd"])["hwd"]
+
+
 def test_selection_and_cocostuff_paper_scale(tmp_path: Path) -> None:
     # Two COCO-Stuff runs of the same row, one per protocol: separate evaluations, the paper's 26.05 on each scale.
     root = tmp_path / "runs"
