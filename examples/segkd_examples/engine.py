@@ -40,6 +40,7 @@ __all__ = [
     "ShardedEpochSampler",
     "TrainResult",
     "autocast_factory",
+    "broadcast_module_state",
     "build_datasets",
     "build_student_and_teacher",
     "build_val_loader",
@@ -382,6 +383,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     discriminator = distiller.discriminator()
     if discriminator is not None:
         discriminator.to(device)
+        # Kept out of DDP, so DDP does not broadcast it: start every rank from rank 0's weights, as the HWD
+        # scripts' DistributedDataParallel(D_model) does, so that the all-reduced updates keep them equal.
+        broadcast_module_state(discriminator)
 
     step_module: nn.Module = DistillationStep(student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index)
     disc_ids = {id(t) for t in (*discriminator.parameters(), *discriminator.buffers())} if discriminator else set()
@@ -592,6 +596,15 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         images_per_s=(total_iters * cfg.batch_size / total_time) if total_time > 0 else math.nan,
         out=str(out),
     )
+
+
+def broadcast_module_state(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``module`` to every rank, in place (no-op without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            torch.distributed.broadcast(tensor, src=src)
 
 
 def sync_distiller_batchnorm(distiller: Distiller) -> Distiller:
