@@ -30,6 +30,7 @@ __all__ = [
     "NoDistiller",
     "available_methods",
     "HWD_MU",
+    "MGD_RECIPES",
     "PAPER_DEFAULTS",
     "build_distiller",
     "resolve_kd",
@@ -44,12 +45,18 @@ class ModelInfo:
     num_classes: int
     feature_channels: int
     has_aux: bool
+    backbone_channels: int = 0
 
 
 def model_info(model: nn.Module) -> ModelInfo:
-    """Read ``num_classes``, ``feature_channels`` and ``has_aux`` from a segmentation model."""
+    """Read ``num_classes``, ``feature_channels``, ``has_aux`` and ``backbone_channels`` from a segmentation model."""
     attrs: Any = model
-    return ModelInfo(int(attrs.num_classes), int(attrs.feature_channels), bool(attrs.has_aux))
+    return ModelInfo(
+        int(attrs.num_classes),
+        int(attrs.feature_channels),
+        bool(attrs.has_aux),
+        int(getattr(attrs, "backbone_channels", 0)),
+    )
 
 
 class Distiller(nn.Module):
@@ -334,11 +341,81 @@ def _build_ifvd(weight: float, params: Mapping[str, Any], student: ModelInfo, te
     return _IFVDDistiller(student.num_classes, weight, **kwargs)
 
 
-def _build_mgd(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
-    from segkd.losses.mgd import MGDLoss
+#: MGD's two recipes: which feature it distils and the weight of a CWD term on the logits (tau ``logit_tau``).
+MGD_RECIPES: dict[str, dict[str, Any]] = {
+    # HWD code, train_mgd.py:206: the MGD term alone on the pre-classifier feature (s_outputs[-1]).
+    "hwd": {"feature": "head", "logit_weight": 0.0, "logit_tau": 4.0},
+    # MGD code (yzd-v/MGD), seg/mmseg/distillation/distillers/segmentation_distiller.py:118-130: the backbone's
+    # last stage (student_feat[-1]) plus 3 x channel-wise KD on the logits at tau 4.
+    "paper": {"feature": "backbone", "logit_weight": 3.0, "logit_tau": 4.0},
+}
 
-    kwargs = _kwargs(params, ("alpha", "mask_ratio"), "mgd")
-    return _FeatureDistiller("mgd", MGDLoss(student.feature_channels, teacher.feature_channels, **kwargs), weight)
+
+class _MGDDistiller(Distiller):
+    r"""MGD: :math:`\lambda\,(L_{MGD}(f_S, f_T) + w_{logit}\,L_{CWD}(z_S, z_T))`; the generator trains with the student.
+
+    ``feature="head"`` reads the pre-classifier features, ``"backbone"`` the backbone's last stage; with
+    ``logit_weight > 0`` the unweighted parts are logged as ``kd_mgd_feature`` and ``kd_mgd_cwd``.
+    """
+
+    name = "mgd"
+    uses_features = True
+
+    def __init__(
+        self,
+        student: ModelInfo,
+        teacher: ModelInfo,
+        weight: float,
+        *,
+        alpha: float = 2e-5,
+        mask_ratio: float = 0.75,
+        feature: str = "head",
+        logit_weight: float = 0.0,
+        logit_tau: float = 4.0,
+    ) -> None:
+        from segkd.losses.cwd import CWDLoss
+        from segkd.losses.mgd import MGDLoss
+
+        super().__init__()
+        if feature not in ("head", "backbone"):
+            raise ValueError(f"Expected `kd.feature` to be 'head' or 'backbone', got {feature!r}.")
+        channels = (
+            (student.feature_channels, teacher.feature_channels)
+            if feature == "head"
+            else (student.backbone_channels, teacher.backbone_channels)
+        )
+        self.weight = float(weight)
+        self.feature = feature
+        self.logit_weight = float(logit_weight)
+        self.loss = MGDLoss(*channels, alpha=alpha, mask_ratio=mask_ratio)
+        self.logit = CWDLoss(tau=logit_tau) if self.logit_weight else None
+
+    def _features(self, out: Any) -> Tensor:
+        feat = out.features if self.feature == "head" else out.backbone_features
+        return feat.float()
+
+    def forward(self, student: Any, teacher: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        feature = self.loss(self._features(student), self._features(teacher))
+        total, terms = feature, {}
+        if self.logit is not None:
+            logit = self.logit(student.logits.float(), teacher.logits.float())
+            total = total + self.logit_weight * logit
+            terms = {"kd_mgd_feature": feature.detach(), "kd_mgd_cwd": logit.detach()}
+        value = self.weight * total
+        terms["kd_mgd"] = value.detach()
+        return value, terms
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, feature={self.feature!r}, logit_weight={self.logit_weight}"
+
+
+def _build_mgd(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
+    kwargs = _kwargs(params, ("alpha", "mask_ratio", "recipe", "feature", "logit_weight", "logit_tau"), "mgd")
+    recipe = kwargs.pop("recipe", "hwd")
+    if recipe not in MGD_RECIPES:
+        raise ValueError(f"Expected `kd.recipe` to be one of {', '.join(map(repr, MGD_RECIPES))}, got {recipe!r}.")
+    settings = {**MGD_RECIPES[recipe], **kwargs}
+    return _MGDDistiller(student, teacher, weight, **settings)
 
 
 _SKD_KEYS = (

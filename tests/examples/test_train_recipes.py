@@ -305,6 +305,31 @@ def test_mgd_recipe(tmp_path, teacher_ckpt, monkeypatch):
     assert set(step.record) & {"kd_mgd_cwd", "kd_cwd"} == set()
 
 
+def test_mgd_paper_recipe(tmp_path, teacher_ckpt, monkeypatch):
+    # Not Table II: the MGD paper's (yzd-v/MGD, seg/mmseg/distillation/distillers/segmentation_distiller.py:118-130)
+    # MGD term on the backbone's last stage (student_feat[-1]) + 3 * CWD on the logits at tau 4 (loss_logit).
+    import segkd.losses.mgd as mgd_module
+
+    masks: list[Tensor] = []
+    draw = mgd_module.mgd_mask
+
+    def recorded(*args, **kwargs):
+        masks.append(draw(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setattr(mgd_module, "mgd_mask", recorded)
+    step = _one_step(tmp_path, teacher_ckpt, monkeypatch, "mgd", size=32, kd={"recipe": "paper"})
+    s, t = step.student, step.teacher
+    loss = copy.deepcopy(step.before.distiller.loss).double()
+    with torch.no_grad():
+        generated = loss.generation(loss.align(s.backbone_features) * masks[0].double())
+    feature = 2e-5 * ((generated - t.backbone_features) ** 2).sum() / generated.shape[0]
+    logit = cwd(s.logits, t.logits)
+    _close(step.record["kd_mgd_feature"], feature)
+    _close(step.record["kd_mgd_cwd"], logit)
+    _close(step.record["kd_mgd"], feature + 3.0 * logit)
+
+
 def test_cirkd_recipe(tmp_path, teacher_ckpt, monkeypatch):
     # train_cirkd.py:233-239: KD 1 (tau 1) + mini-batch pair 1 (raw features, tau 0.1) + memory pixel 0.1 + memory
     # region 0.1 (projected student, tau 0.1, KD tau 1). Queues shrunk so that every step contrasts the whole queue
@@ -350,3 +375,14 @@ def test_distiller_batchnorm_becomes_sync_batchnorm(method):
     assert {name: id(p) for name, p in distiller.named_parameters()} == params
     if method != "cirkd":
         assert isinstance(distiller.discriminator().preprocess, nn.SyncBatchNorm)
+
+
+@pytest.mark.parametrize(
+    ("kd", "match"),
+    [({"recipe": "mmseg"}, r"`kd.recipe` to be one of 'hwd', 'paper'"), ({"feature": "neck"}, r"`kd.feature`")],
+)
+def test_mgd_recipe_errors(kd, match):
+    student, teacher = build_model("tiny_student", 5), build_model("tiny_teacher", 5)
+    cfg = type("Cfg", (), {"dataset": "synthetic", "kd_weight": None, "kd": kd})()
+    with pytest.raises(ValueError, match=match):
+        build_distiller("mgd", model_info(student), model_info(teacher), cfg)
