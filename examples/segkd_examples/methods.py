@@ -128,28 +128,6 @@ def _build_cwd(weight: float, params: Mapping[str, Any], student: ModelInfo, tea
     return _LogitDistiller("cwd", CWDLoss(**kwargs), weight)
 
 
-class _FeatureDistiller(Distiller):
-    """Weight times a loss on the pre-classifier features, optionally with the labels (IFVD)."""
-
-    uses_features = True
-
-    def __init__(self, name: str, loss: nn.Module, weight: float, *, with_labels: bool = False) -> None:
-        super().__init__()
-        self.name = name
-        self.loss = loss
-        self.weight = float(weight)
-        self.with_labels = with_labels
-
-    def forward(self, student: Any, teacher: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        args = (student.features.float(), teacher.features.float())
-        raw = self.loss(*args, labels) if self.with_labels else self.loss(*args)
-        value = self.weight * raw
-        return value, {f"kd_{self.name}": value.detach()}
-
-    def extra_repr(self) -> str:
-        return f"weight={self.weight}"
-
-
 class _BundleDistiller(Distiller):
     """A segkd loss that takes logits, features (and labels) and returns ``(total, weighted terms)``."""
 
