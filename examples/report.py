@@ -96,7 +96,8 @@ class Run:
         metrics_path: the ``metrics.jsonl`` file.
         dataset: dataset name from ``config.yaml`` (``"unknown"`` without one).
         student: the trained model (the teacher's name for a ``train_teacher`` run).
-        method: distillation method, ``"teacher"`` for a ``train_teacher`` run.
+        method: distillation method, ``"teacher"`` for a ``train_teacher`` run; ``<method>_<recipe>`` for a run
+            whose ``kd.recipe`` is not Table II's (``mgd_paper``: not compared with the paper's MGD number).
         max_iters: planned iterations, or ``None`` when unknown.
         evals: ``(iteration, mIoU in [0, 1])`` pairs in iteration order.
         losses: per loss term, ``(iteration, value)`` pairs in iteration order.
@@ -245,6 +246,10 @@ def load_run(metrics_path: Path, warn: Warnings) -> Run | None:
         run.student, run.method = str(config.get("teacher", UNKNOWN)), TEACHER_METHOD
     else:
         run.student, run.method = str(config.get("student", UNKNOWN)), str(config.get("method", UNKNOWN))
+        kd = config.get("kd")
+        recipe = kd.get("recipe") if isinstance(kd, dict) else None
+        if recipe not in (None, "hwd"):  # another recipe of the method (e.g. MGD's own paper): its own row
+            run.method = f"{run.method}_{recipe}"
     run.dataset = str(config.get("dataset", UNKNOWN))
     max_iters = _number(config.get("max_iters"))
     run.max_iters = int(max_iters) if max_iters is not None else None

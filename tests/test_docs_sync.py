@@ -134,7 +134,8 @@ def test_reproduce_commands_parse_and_match_their_configs() -> None:
             assert rest == f"{cfg.teacher}_teacher", name
             assert cfg.student_pretrained.endswith("resnet101-imagenet.pth"), name
         else:
-            assert rest == f"{cfg.student}_{cfg.method}", name
+            recipe = "_paper" if cfg.kd.get("recipe") == "paper" else ""  # *_mgd_paper.yaml: MGD's own recipe
+            assert rest == f"{cfg.student}_{cfg.method}{recipe}", name
             backbone = "mobilenetv2" if "mbv2" in cfg.student else "resnet18"
             assert cfg.student_pretrained.endswith(f"{backbone}-imagenet.pth"), name
             assert (cfg.teacher_ckpt is None) == (cfg.method == "none"), name

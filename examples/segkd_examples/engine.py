@@ -15,6 +15,7 @@ import contextlib
 import math
 import random
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,13 @@ __all__ = [
     "ShardedEpochSampler",
     "TrainResult",
     "autocast_factory",
+    "broadcast_module_state",
     "build_datasets",
     "build_student_and_teacher",
     "build_val_loader",
     "load_model_weights",
     "seed_everything",
+    "sync_distiller_batchnorm",
     "train",
     "trained_model_name",
     "val_shard",
@@ -402,6 +405,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     sync_bn = cfg.sync_bn and dist.distributed and device.type == "cuda"
     if sync_bn:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        # The distiller's BatchNorms too (the SKD/IFVD discriminator, CIRKD's projection head), as the HWD
+        # scripts build them with norm_layer=SyncBatchNorm under DDP (train_skd.py, train_ifvd.py, train_cirkd.py).
+        distiller = sync_distiller_batchnorm(distiller)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     student.to(device, memory_format=memory_format)  # type: ignore[call-overload]
     distiller.to(device)
@@ -410,6 +416,9 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     discriminator = distiller.discriminator()
     if discriminator is not None:
         discriminator.to(device)
+        # Kept out of DDP, so DDP does not broadcast it: start every rank from rank 0's weights, as the HWD
+        # scripts' DistributedDataParallel(D_model) does, so that the all-reduced updates keep them equal.
+        broadcast_module_state(discriminator)
 
     step_module: nn.Module = DistillationStep(
         student, distiller, aux_weight=cfg.aux_weight, ignore_index=ignore_index, align_corners=cfg.align_corners
@@ -419,6 +428,10 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PolyDecay(cfg.max_iters, cfg.poly_power))
     disc_optimizer = distiller.discriminator_optimizer()
+    # The discriminator's lr follows the student's poly decay (HWD train_skd.py / train_ifvd.py, adjust_lr_D),
+    # set from this run's config at every iteration, so a resumed run continues the same schedule.
+    disc_base_lrs = [group["lr"] for group in disc_optimizer.param_groups] if disc_optimizer is not None else []
+    poly = PolyDecay(cfg.max_iters, cfg.poly_power)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     autocast = autocast_factory(cfg.amp, device)
 
@@ -573,6 +586,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if discriminator is not None and disc_optimizer is not None and teacher_out is not None:
+            for group, base_lr in zip(disc_optimizer.param_groups, disc_base_lrs, strict=True):
+                group["lr"] = base_lr * poly(iteration)
             terms.update(_discriminator_step(distiller, discriminator, disc_optimizer, dist, step_module, autocast))
         done = iteration + 1
         window_iters += 1
@@ -586,6 +601,8 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
             record: dict[str, Any] = {"kind": "train", "iter": done}
             record.update(_mean_over_ranks(terms, device, dist.world_size))
             record["lr"] = lr_used
+            if disc_optimizer is not None:
+                record["disc_lr"] = disc_optimizer.param_groups[0]["lr"]
             record["images_per_s"] = window_iters * cfg.batch_size / max(elapsed, 1e-9)
             log.write(record)
             if dist.is_main:
@@ -620,6 +637,25 @@ def train(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
         images_per_s=(total_iters * cfg.batch_size / total_time) if total_time > 0 else math.nan,
         out=str(out),
     )
+
+
+def broadcast_module_state(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``module`` to every rank, in place (no-op without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            torch.distributed.broadcast(tensor, src=src)
+
+
+def sync_distiller_batchnorm(distiller: Distiller) -> Distiller:
+    """Convert every ``BatchNorm*d`` inside ``distiller`` to ``SyncBatchNorm`` (in place; returns it).
+
+    The distiller's own parameters are kept (the same ``Parameter`` objects), so call it before building the
+    optimisers or after, alike. A distiller without BatchNorm is returned unchanged.
+    """
+    # A Distiller is never itself a BatchNorm, so its children are replaced in place and it comes back.
+    return typing.cast(Distiller, nn.SyncBatchNorm.convert_sync_batchnorm(distiller))
 
 
 def _discriminator_step(

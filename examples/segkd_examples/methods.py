@@ -4,11 +4,12 @@ A distiller takes the student's and the teacher's :class:`SegmentationOutput` (`
 ``features``, all at 1/8 resolution) and the labels, and returns ``(weighted_kd_total, terms)`` where
 ``terms`` maps a short name to each weighted part (for logging). Its trainable parts (MGD generator,
 CIRKD projection heads) are its own parameters: the trainer puts them in the optimizer, the checkpoint and
-DDP. An adversarial method (SKD) also exposes a discriminator with its own optimizer, kept out of DDP's
+DDP. An adversarial method (SKD, IFVD) also exposes a discriminator with its own optimizer, kept out of DDP's
 reducer and synchronised by an explicit gradient all-reduce (see ``engine.py``).
 
-The default weight and hyper-parameters of each method are those of its own paper; ``examples/configs``
-records them, with sources, and ``kd_weight`` / ``kd.<name>`` override them.
+The default weight and hyper-parameters of each method are those the HWD authors' scripts ran for the paper's
+Table II (github.com/zju-SWJ/HWD, ``train_<method>.py``); ``examples/configs`` records them, with sources, and
+``kd_weight`` / ``kd.<name>`` override them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "NoDistiller",
     "available_methods",
     "HWD_MU",
+    "MGD_RECIPES",
     "PAPER_DEFAULTS",
     "DISCRIMINATOR_SWITCHES",
     "build_distiller",
@@ -46,12 +48,18 @@ class ModelInfo:
     num_classes: int
     feature_channels: int
     has_aux: bool
+    backbone_channels: int = 0
 
 
 def model_info(model: nn.Module) -> ModelInfo:
-    """Read ``num_classes``, ``feature_channels`` and ``has_aux`` from a segmentation model."""
+    """Read ``num_classes``, ``feature_channels``, ``has_aux`` and ``backbone_channels`` from a segmentation model."""
     attrs: Any = model
-    return ModelInfo(int(attrs.num_classes), int(attrs.feature_channels), bool(attrs.has_aux))
+    return ModelInfo(
+        int(attrs.num_classes),
+        int(attrs.feature_channels),
+        bool(attrs.has_aux),
+        int(getattr(attrs, "backbone_channels", 0)),
+    )
 
 
 class Distiller(nn.Module):
@@ -123,28 +131,6 @@ def _build_cwd(weight: float, params: Mapping[str, Any], student: ModelInfo, tea
     return _LogitDistiller("cwd", CWDLoss(**kwargs), weight)
 
 
-class _FeatureDistiller(Distiller):
-    """Weight times a loss on the pre-classifier features, optionally with the labels (IFVD)."""
-
-    uses_features = True
-
-    def __init__(self, name: str, loss: nn.Module, weight: float, *, with_labels: bool = False) -> None:
-        super().__init__()
-        self.name = name
-        self.loss = loss
-        self.weight = float(weight)
-        self.with_labels = with_labels
-
-    def forward(self, student: Any, teacher: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        args = (student.features.float(), teacher.features.float())
-        raw = self.loss(*args, labels) if self.with_labels else self.loss(*args)
-        value = self.weight * raw
-        return value, {f"kd_{self.name}": value.detach()}
-
-    def extra_repr(self) -> str:
-        return f"weight={self.weight}"
-
-
 class _BundleDistiller(Distiller):
     """A segkd loss that takes logits, features (and labels) and returns ``(total, weighted terms)``."""
 
@@ -176,52 +162,241 @@ class _BundleDistiller(Distiller):
         return f"weight={self.weight}"
 
 
-class _SKDDistiller(_BundleDistiller):
-    """SKD: pair-wise + pixel-wise + adversarial terms; the discriminator has its own Adam optimiser.
+class _AdversarialParts:
+    """The discriminator's own optimiser, shared by SKD and IFVD (HWD ``train_skd.py`` / ``train_ifvd.py``).
 
-    The discriminator's optimiser follows the CIRKD/SKD code: Adam, lr 4e-4, betas (0.9, 0.99).
+    Adam at ``disc_lr`` with ``disc_betas`` (the authors': lr 4e-4, betas (0.9, 0.99)); the trainer decays
+    its learning rate with the student's poly schedule and synchronises its BatchNorm under DDP.
     """
+
+    disc_lr: float
+    disc_betas: tuple[float, float]
+
+    def _set_disc_optimiser(self, disc_lr: float, disc_betas: Any) -> None:
+        self.disc_lr = float(disc_lr)
+        self.disc_betas = (float(disc_betas[0]), float(disc_betas[1]))
+
+    def _adam(self, disc: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in disc.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.disc_lr, betas=self.disc_betas)
+
+
+class _SKDDistiller(_AdversarialParts, _BundleDistiller):
+    """SKD: pair-wise + pixel-wise + adversarial terms; the discriminator has its own Adam optimiser."""
 
     def __init__(self, loss: nn.Module, weight: float, *, disc_lr: float, disc_betas: tuple[float, float]) -> None:
         # No label mask on the pixel-wise term, as in the SKD/CIRKD code.
         super().__init__("skd", loss, weight, keep_for_discriminator=True, labels=False)
-        self.disc_lr = float(disc_lr)
-        self.disc_betas = (float(disc_betas[0]), float(disc_betas[1]))
+        self._set_disc_optimiser(disc_lr, disc_betas)
 
     def discriminator(self) -> nn.Module | None:
         loss: Any = self.loss
         return loss.discriminator
 
     def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
-        """Adam over the discriminator's parameters (CIRKD: lr 4e-4, betas (0.9, 0.99))."""
-        disc = self.discriminator()
-        params = [p for p in disc.parameters() if p.requires_grad] if disc is not None else []
-        return torch.optim.Adam(params, lr=self.disc_lr, betas=self.disc_betas)
+        """Adam over the discriminator's parameters (HWD ``train_skd.py``: lr 4e-4, betas (0.9, 0.99))."""
+        loss: Any = self.loss
+        return self._adam(loss.discriminator)
 
     def discriminator_loss(self, student: Any, teacher: Any) -> Tensor:
         loss: Any = self.loss
         return self.weight * loss.discriminator_loss(student, teacher)
 
 
+class _IFVDDistiller(_AdversarialParts, Distiller):
+    r"""IFVD as HWD's ``train_ifvd.py`` runs it: pixel KD + IFV + adversarial, discriminator trained apart.
+
+    .. math::
+
+        L = \lambda\,\big(w_{kd}\,\mathrm{KD}_\tau(z_S, z_T) + w_{ifv}\,\mathrm{IFV}(f_S, f_T, y)
+            + w_{adv}\,(-\overline{D(z_S)})\big), \qquad
+        L_D = \lambda\,w_d\,\big(\overline{\max(0, 1 - D(z_T))} + \overline{\max(0, 1 + D(z_S))}\big)
+
+    on the main logits ``z`` (pixel KD over all pixels, no label mask, and the discriminator) and the
+    pre-classifier features ``f`` (IFV, labels resampled to the feature size). Logged: the unweighted
+    ``kd_ifvd_pixel``, ``kd_ifvd_ifv``, ``kd_ifvd_adversarial`` and the weighted total ``kd_ifvd``.
+    """
+
+    name = "ifvd"
+    uses_features = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight: float,
+        *,
+        pixel_weight: float,
+        ifv_weight: float,
+        adversarial_weight: float,
+        discriminator_weight: float,
+        tau: float,
+        ignore_index: int,
+        conv_dim: int,
+        preprocess: str,
+        spectral_norm: bool,
+        disc_lr: float,
+        disc_betas: tuple[float, float],
+    ) -> None:
+        from segkd.losses.adversarial import SKDDiscriminator
+        from segkd.losses.ifvd import IFVDLoss
+        from segkd.losses.kd import KDLoss
+
+        super().__init__()
+        self.weight = float(weight)
+        self.pixel_weight = float(pixel_weight)
+        self.ifv_weight = float(ifv_weight)
+        self.adversarial_weight = float(adversarial_weight)
+        self.discriminator_weight = float(discriminator_weight)
+        self.pixel = KDLoss(tau)
+        self.ifv = IFVDLoss(num_classes, ignore_index)
+        self.critic = SKDDiscriminator(num_classes, conv_dim, preprocess, spectral_norm)  # type: ignore[arg-type]
+        self._set_disc_optimiser(disc_lr, disc_betas)
+        self.last_outputs: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, student: Any, teacher: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        from segkd.losses.adversarial import skd_generator_hinge_loss
+
+        s_logits, t_logits = student.logits.float(), teacher.logits.float()
+        zero = s_logits.new_zeros(())
+        pixel = self.pixel(s_logits, t_logits) if self.pixel_weight else zero
+        ifv = self.ifv(student.features.float(), teacher.features.float(), labels) if self.ifv_weight else zero
+        adversarial = skd_generator_hinge_loss(self.critic(s_logits)).float() if self.adversarial_weight else zero
+        total = self.weight * (
+            self.pixel_weight * pixel + self.ifv_weight * ifv + self.adversarial_weight * adversarial
+        )
+        self.last_outputs = (s_logits.detach(), t_logits.detach())
+        terms = {"kd_ifvd_pixel": pixel.detach(), "kd_ifvd_ifv": ifv.detach()}
+        terms["kd_ifvd_adversarial"] = adversarial.detach()
+        terms["kd_ifvd"] = total.detach()
+        return total, terms
+
+    def discriminator(self) -> nn.Module | None:
+        return self.critic
+
+    def discriminator_optimizer(self) -> torch.optim.Optimizer | None:
+        """Adam over the discriminator's parameters (HWD ``train_ifvd.py``: lr 4e-4, betas (0.9, 0.99))."""
+        return self._adam(self.critic)
+
+    def discriminator_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """``weight * discriminator_weight * hinge`` on detached logits, student scored first as in the HWD code."""
+        from segkd.losses.adversarial import skd_discriminator_hinge_loss
+
+        if self.discriminator_weight == 0:
+            return student.new_zeros(())
+        fake = self.critic(student.detach())
+        real = self.critic(teacher.detach())
+        return self.weight * self.discriminator_weight * skd_discriminator_hinge_loss(real, fake)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, pixel_weight={self.pixel_weight}, ifv_weight={self.ifv_weight}, "
+            f"adversarial_weight={self.adversarial_weight}, discriminator_weight={self.discriminator_weight}"
+        )
+
+
 def _build_dist(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
     from segkd.losses.dist import DISTLoss
 
-    kwargs = _kwargs(params, ("beta", "gamma", "tau"), "dist")
+    kwargs = _kwargs(params, ("beta", "gamma", "tau", "softmax"), "dist")
     return _LogitDistiller("dist", DISTLoss(**kwargs), weight)
 
 
-def _build_ifvd(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
-    from segkd.losses.ifvd import IFVDLoss
+_IFVD_DEFAULTS: dict[str, Any] = {
+    "pixel_weight": 1.0,
+    "ifv_weight": 20.0,
+    "adversarial_weight": 0.001,
+    "discriminator_weight": 0.1,
+    "tau": 1.0,
+    "ignore_index": 255,
+    "conv_dim": 64,
+    "preprocess": "batchnorm",
+    "spectral_norm": True,
+    "disc_lr": 4e-4,
+    "disc_betas": (0.9, 0.99),
+}
 
-    kwargs = _kwargs(params, ("ignore_index",), "ifvd")
-    return _FeatureDistiller("ifvd", IFVDLoss(student.num_classes, **kwargs), weight, with_labels=True)
+
+def _build_ifvd(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
+    kwargs = {**_IFVD_DEFAULTS, **_kwargs(params, tuple(_IFVD_DEFAULTS), "ifvd")}
+    kwargs["disc_betas"] = tuple(kwargs["disc_betas"])
+    return _IFVDDistiller(student.num_classes, weight, **kwargs)
+
+
+#: MGD's two recipes: which feature it distils and the weight of a CWD term on the logits (tau ``logit_tau``).
+MGD_RECIPES: dict[str, dict[str, Any]] = {
+    # HWD code, train_mgd.py:206: the MGD term alone on the pre-classifier feature (s_outputs[-1]).
+    "hwd": {"feature": "head", "logit_weight": 0.0, "logit_tau": 4.0},
+    # MGD code (yzd-v/MGD), seg/mmseg/distillation/distillers/segmentation_distiller.py:118-130: the backbone's
+    # last stage (student_feat[-1]) plus 3 x channel-wise KD on the logits at tau 4.
+    "paper": {"feature": "backbone", "logit_weight": 3.0, "logit_tau": 4.0},
+}
+
+
+class _MGDDistiller(Distiller):
+    r"""MGD: :math:`\lambda\,(L_{MGD}(f_S, f_T) + w_{logit}\,L_{CWD}(z_S, z_T))`; the generator trains with the student.
+
+    ``feature="head"`` reads the pre-classifier features, ``"backbone"`` the backbone's last stage; with
+    ``logit_weight > 0`` the unweighted parts are logged as ``kd_mgd_feature`` and ``kd_mgd_cwd``.
+    """
+
+    name = "mgd"
+    uses_features = True
+
+    def __init__(
+        self,
+        student: ModelInfo,
+        teacher: ModelInfo,
+        weight: float,
+        *,
+        alpha: float = 2e-5,
+        mask_ratio: float = 0.75,
+        feature: str = "head",
+        logit_weight: float = 0.0,
+        logit_tau: float = 4.0,
+    ) -> None:
+        from segkd.losses.cwd import CWDLoss
+        from segkd.losses.mgd import MGDLoss
+
+        super().__init__()
+        if feature not in ("head", "backbone"):
+            raise ValueError(f"Expected `kd.feature` to be 'head' or 'backbone', got {feature!r}.")
+        channels = (
+            (student.feature_channels, teacher.feature_channels)
+            if feature == "head"
+            else (student.backbone_channels, teacher.backbone_channels)
+        )
+        self.weight = float(weight)
+        self.feature = feature
+        self.logit_weight = float(logit_weight)
+        self.loss = MGDLoss(*channels, alpha=alpha, mask_ratio=mask_ratio)
+        self.logit = CWDLoss(tau=logit_tau) if self.logit_weight else None
+
+    def _features(self, out: Any) -> Tensor:
+        feat = out.features if self.feature == "head" else out.backbone_features
+        return feat.float()
+
+    def forward(self, student: Any, teacher: Any, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        feature = self.loss(self._features(student), self._features(teacher))
+        total, terms = feature, {}
+        if self.logit is not None:
+            logit = self.logit(student.logits.float(), teacher.logits.float())
+            total = total + self.logit_weight * logit
+            terms = {"kd_mgd_feature": feature.detach(), "kd_mgd_cwd": logit.detach()}
+        value = self.weight * total
+        terms["kd_mgd"] = value.detach()
+        return value, terms
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, feature={self.feature!r}, logit_weight={self.logit_weight}"
 
 
 def _build_mgd(weight: float, params: Mapping[str, Any], student: ModelInfo, teacher: ModelInfo) -> Distiller:
-    from segkd.losses.mgd import MGDLoss
-
-    kwargs = _kwargs(params, ("alpha", "mask_ratio"), "mgd")
-    return _FeatureDistiller("mgd", MGDLoss(student.feature_channels, teacher.feature_channels, **kwargs), weight)
+    kwargs = _kwargs(params, ("alpha", "mask_ratio", "recipe", "feature", "logit_weight", "logit_tau"), "mgd")
+    recipe = kwargs.pop("recipe", "hwd")
+    if recipe not in MGD_RECIPES:
+        raise ValueError(f"Expected `kd.recipe` to be one of {', '.join(map(repr, MGD_RECIPES))}, got {recipe!r}.")
+    settings = {**MGD_RECIPES[recipe], **kwargs}
+    return _MGDDistiller(student, teacher, weight, **settings)
 
 
 _SKD_KEYS = (
@@ -284,13 +459,14 @@ _BUILDERS = {
 }
 
 
-#: Each method's loss weight (lambda) and loss parameters in its own paper's segmentation setting; the sources are
-#: named in examples/configs/generate.py, which writes these values into every config.
+#: Each method's loss weight (lambda) and loss parameters as the HWD authors' training scripts ran them for Table II
+#: (github.com/zju-SWJ/HWD, ``train_<method>.py``); the sources are named in examples/configs/generate.py, which
+#: writes these values into every config.
 PAPER_DEFAULTS: dict[str, tuple[float, dict[str, Any]]] = {
     "none": (0.0, {}),
     "hwd": (3.0, {"tau": 4.0, "beta": 0.1}),  # mu: per dataset, HWD_MU
     "cwd": (3.0, {"tau": 4.0}),
-    "dist": (1.0, {"beta": 1.0, "gamma": 1.0, "tau": 1.0}),
+    "dist": (1.0, {"beta": 1.0, "gamma": 1.0, "tau": 1.0, "softmax": False}),
     "skd": (
         1.0,
         {
@@ -302,7 +478,17 @@ PAPER_DEFAULTS: dict[str, tuple[float, dict[str, Any]]] = {
             "disc_betas": [0.9, 0.99],
         },
     ),
-    "ifvd": (200.0, {}),
+    "ifvd": (
+        1.0,
+        {
+            "pixel_weight": 1.0,
+            "ifv_weight": 20.0,
+            "adversarial_weight": 0.001,
+            "discriminator_weight": 0.1,
+            "disc_lr": 0.0004,
+            "disc_betas": [0.9, 0.99],
+        },
+    ),
     "mgd": (1.0, {"alpha": 2.0e-5, "mask_ratio": 0.75}),
     "cirkd": (
         1.0,

@@ -273,6 +273,13 @@ def check_int(value: Any, name: str) -> int:
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` unchanged, raising ``TypeError`` unless it is a ``bool``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected `{name}` to be True or False, got {type(value).__name__}.")
+    return value
+
+
 def check_channels(value: Tensor, name: str, expected: int, setting: str) -> None:
     """Raise ``ValueError`` unless dimension 1 of ``value`` has ``expected`` entries (the declared ``setting``)."""
     if value.dim() < 2 or value.shape[1] != expected:

@@ -2,7 +2,8 @@
 
 Fault injection for the tests only: ``SEGKD_TEST_FAIL_RANK=R`` and ``SEGKD_TEST_FAIL_ITER=K`` make rank ``R``
 raise ``RuntimeError`` in its training step at iteration ``K`` (0-based); ``SEGKD_TEST_STEP_SLEEP=S`` sleeps ``S``
-seconds in every training step (so that a test can kill the run part-way).
+seconds in every training step (so that a test can kill the run part-way); ``SEGKD_TEST_DISC_DIR=D`` makes each rank
+save its discriminator's parameters to ``D/rank<R>.pt`` after every discriminator update.
 """
 
 import os
@@ -43,6 +44,21 @@ if "SEGKD_TEST_STEP_SLEEP" in os.environ:
         return _forward(self, images, labels, teacher_out)
 
     _engine.DistillationStep.forward = slow_forward
+
+if "SEGKD_TEST_DISC_DIR" in os.environ:
+    import torch
+
+    from segkd_examples import engine as _disc_engine
+
+    _disc_step = _disc_engine._discriminator_step
+
+    def recording_disc_step(distiller, discriminator, *args, **kwargs):
+        out = _disc_step(distiller, discriminator, *args, **kwargs)
+        state = {name: p.detach().cpu().clone() for name, p in discriminator.named_parameters()}
+        torch.save(state, Path(os.environ["SEGKD_TEST_DISC_DIR"]) / f"rank{os.environ.get('RANK', '0')}.pt")
+        return out
+
+    _disc_engine._discriminator_step = recording_disc_step
 
 sys.argv = [str(ROOT / "examples" / "train_ddp.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -177,6 +177,11 @@ def test_forward_contract(name: str) -> None:
     h, w = math.ceil(65 / 8), math.ceil(50 / 8)
     assert out.logits.shape == (2, 5, h, w)
     assert out.features.shape == (2, model.feature_channels, h, w)
+    # the backbone's last stage (what the MGD paper's recipe distils): ResNet-18 layer4, MobileNetV2's last block
+    widths = {"deeplabv3_r18": 512, "pspnet_r18": 512, "deeplabv3_mbv2": 320}
+    expected_backbone = widths.get(name, model.feature_channels)
+    assert out.backbone_features.shape == (2, model.backbone_channels, h, w)
+    assert model.backbone_channels == expected_backbone
     assert model.num_classes == 5
     assert model.has_aux == (name != "deeplabv3_mbv2")
     if model.has_aux:

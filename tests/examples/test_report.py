@@ -360,3 +360,15 @@ def test_selection_and_cocostuff_paper_scale(tmp_path: Path) -> None:
     cells = table_rows((out / "report.md").read_text())[("cocostuff", "deeplabv3_r18", "none")]
     assert cells[0] == "25.50"
     assert cells[5] == "last (iter 300)"
+def test_mgd_paper_recipe_gets_its_own_row(tmp_path: Path) -> None:
+    # *_mgd_paper.yaml configs (kd.recipe: paper) are not Table II's MGD: own row, no paper number to compare with.
+    root = tmp_path / "runs"
+    write_run(root / "mgd", cfg("cityscapes", "deeplabv3_r18", "mgd") + "kd:\n  alpha: 2.0e-05\n", [0.70])
+    write_run(root / "mgd_paper", cfg("cityscapes", "deeplabv3_r18", "mgd") + "kd:\n  recipe: paper\n", [0.71])
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    rows = table_rows((out / "report.md").read_text())
+    assert rows[("cityscapes", "deeplabv3_r18", "mgd")][0] == "70.00"
+    assert rows[("cityscapes", "deeplabv3_r18", "mgd")][4] == "71.79"
+    assert rows[("cityscapes", "deeplabv3_r18", "mgd_paper")][0] == "71.00"
+    assert rows[("cityscapes", "deeplabv3_r18", "mgd_paper")][4] == ""

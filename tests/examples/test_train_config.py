@@ -102,7 +102,16 @@ def test_method_defaults_are_the_papers_and_config_values_override_them():
     assert resolve_kd("hwd", "ade20k", None, {})[1]["mu"] == 0.0
     assert resolve_kd("hwd", "cocostuff", 2.0, {"mu": 0.5}) == (2.0, {"tau": 4.0, "beta": 0.1, "mu": 0.5})
     assert resolve_kd("cwd", "ade20k", None, None) == (3.0, {"tau": 4.0})
-    assert resolve_kd("ifvd", "ade20k", None, {})[0] == 200.0
+    # IFVD as HWD's train_ifvd.py: pixel KD 1 + IFV 20 + adversarial 0.001, discriminator 0.1 (not IFV x 200 alone)
+    weight, ifvd = resolve_kd("ifvd", "ade20k", None, {})
+    assert weight == 1.0
+    assert (ifvd["pixel_weight"], ifvd["ifv_weight"]) == (1.0, 20.0)
+    assert (ifvd["adversarial_weight"], ifvd["discriminator_weight"]) == (0.001, 0.1)
+    # DIST as HWD's losses/loss.py: raw logits, no softmax
+    assert resolve_kd("dist", "cityscapes", None, {}) == (
+        1.0,
+        {"beta": 1.0, "gamma": 1.0, "tau": 1.0, "softmax": False},
+    )
     assert resolve_kd("none", "ade20k", None, {}) == (0.0, {})
 
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from _pipeline import (
     LAUNCH,
     PYTHON,
@@ -149,8 +150,14 @@ def test_torchrun_losses_with_trainable_parts(tmp_path, method):
         eval_every=2,
         **base,
     )
-    proc = run(torchrun_cmd(2, *cli_args(cfg)), timeout=180)
+    disc_dir = tmp_path / "disc"
+    disc_dir.mkdir()
+    proc = run(torchrun_cmd(2, *cli_args(cfg)), timeout=180, env=subprocess_env(SEGKD_TEST_DISC_DIR=str(disc_dir)))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if method == "skd":
+        # Outside DDP the discriminator is broadcast from rank 0 at start and all-reduced after: equal on both ranks.
+        rank0, rank1 = (torch.load(disc_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert_same_tensors(rank0, rank1)
     state = ckpt.load_checkpoint(tmp_path / method / "last.pt")
     assert state["world_size"] == 2
     assert any(k.startswith("loss.") for k in state["distiller"])

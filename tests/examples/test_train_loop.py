@@ -20,7 +20,9 @@ from segkd_examples.metrics import LabelRangeError
 METHOD_KD = {
     "cirkd": {"pixel_memory_size": 64, "region_memory_size": 8, "pixel_contrast_size": 16, "region_contrast_size": 4},
     "skd": {"conv_dim": 8},
+    "ifvd": {"conv_dim": 8},
 }
+ADVERSARIAL = ("skd", "ifvd")
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +65,7 @@ def test_outputs_of_a_run(tmp_path):
 
 @pytest.mark.parametrize("method", [m for m in available_methods() if m != "none"])
 def test_each_method_runs_one_step(tmp_path, teacher_ckpt, method):
-    size = 512 if method == "skd" else 32  # the SKD discriminator needs logits of at least 64x64
+    size = 512 if method in ADVERSARIAL else 32  # the SKD discriminator needs logits of at least 64x64
     cfg = tiny_config(
         tmp_path,
         method=method,
@@ -87,9 +89,9 @@ def test_each_method_runs_one_step(tmp_path, teacher_ckpt, method):
     after = model_state(tmp_path / "last.pt")
     assert any(not torch.equal(before[k], after[k]) for k in after if after[k].is_floating_point())
     state = ckpt.load_checkpoint(tmp_path / "last.pt")
-    if method in ("mgd", "cirkd", "skd"):  # trainable parts / queues are checkpointed
+    if method in ("mgd", "cirkd", *ADVERSARIAL):  # trainable parts / queues are checkpointed
         assert len(state["distiller"]) > 0
-    if method == "skd":
+    if method in ADVERSARIAL:
         assert state["disc_optimizer"] is not None
 
 

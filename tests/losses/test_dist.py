@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -76,6 +77,53 @@ def test_reference_module_matches_loop(shape):
     student, teacher = _pair(shape, seed=7)
     expected = _loop_dist(student, teacher, 0.7, 1.3, 2.0)
     assert dist_loss_reference(student, teacher, 0.7, 1.3, 2.0).item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def _hwd_criterion_dist(student, teacher, beta=1.0, gamma=1.0) -> float:
+    """The HWD authors' CriterionDIST (zju-SWJ/HWD, losses/loss.py), re-derived in float64 NumPy.
+
+    Rows are the N*H*W pixels in (n, h, w) order, columns the C classes, no softmax. Inter: per row,
+    the cosine of the mean-centred vectors with 1e-8 added to the product of the norms, then 1 - mean
+    over rows; intra: the same on the transposed matrix (per class, across all pixels of the batch).
+    """
+    s = student.double().permute(0, 2, 3, 1).reshape(-1, student.shape[1]).numpy()
+    t = teacher.double().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1]).numpy()
+
+    def one_minus_mean_pearson(a, b):
+        a = a - a.mean(axis=1, keepdims=True)
+        b = b - b.mean(axis=1, keepdims=True)
+        cos = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8)
+        return 1.0 - cos.mean()
+
+    return beta * one_minus_mean_pearson(s, t) + gamma * one_minus_mean_pearson(s.T, t.T)
+
+
+@pytest.mark.parametrize("shape", [(2, 19, 6, 5), (1, 150, 3, 4), (4, 7, 2, 2)], ids=str)
+def test_without_softmax_equals_the_hwd_criterion(shape):
+    # Table II's DIST: raw logits (HWD repo, losses/loss.py, softmax commented out), beta = gamma = 1.
+    student, teacher = _pair(shape, seed=sum(shape), scale=3.0)
+    got = dist_loss(student, teacher, softmax=False)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(_hwd_criterion_dist(student, teacher), rel=1e-6)
+    assert DISTLoss(beta=0.5, gamma=2.0, softmax=False)(student, teacher).item() == pytest.approx(
+        _hwd_criterion_dist(student, teacher, 0.5, 2.0), rel=1e-6
+    )
+    # the softmax form is a different loss on the same logits
+    assert dist_loss(student, teacher).item() != pytest.approx(got.item(), rel=1e-3)
+
+
+def test_without_softmax_tau_only_scales():
+    student, teacher = _pair((2, 5, 3, 3), seed=21)
+    base = dist_loss(student, teacher, softmax=False).item()
+    assert dist_loss(student, teacher, tau=2.0, softmax=False).item() == pytest.approx(4.0 * base, rel=1e-9)
+
+
+def test_softmax_must_be_a_bool():
+    student, teacher = _pair((1, 3, 2, 2), seed=22)
+    with pytest.raises(TypeError, match="`softmax` to be True or False"):
+        dist_loss(student, teacher, softmax="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`softmax` to be True or False"):
+        DISTLoss(softmax=0)  # type: ignore[arg-type]
 
 
 def test_pearson_correlation_matches_loop_and_reference():

@@ -38,11 +38,15 @@ class SegmentationOutput(NamedTuple):
         aux_logits: same shape, from the auxiliary FCN head on ``layer3``; ``None`` for models without one or when
             the forward pass was called with ``with_aux=False``.
         features: ``(N, D, ceil(H / 8), ceil(W / 8))``, the pre-classifier feature (``D = feature_channels``).
+        backbone_features: ``(N, B, ceil(H / 8), ceil(W / 8))``, the backbone's last stage (``layer4`` of a ResNet,
+            the last inverted-residual block of MobileNetV2; ``B = backbone_channels``): what the MGD paper's
+            segmentation recipe distils. ``None`` only for outputs built by hand.
     """
 
     logits: Tensor
     aux_logits: Tensor | None
     features: Tensor
+    backbone_features: Tensor | None = None
 
 
 class SegmentationModel(nn.Module):
@@ -59,6 +63,7 @@ class SegmentationModel(nn.Module):
     Attributes:
         num_classes: ``K``.
         feature_channels: ``D``.
+        backbone_channels: channels of the backbone's last stage (``backbone.out_channels``).
         has_aux: whether ``aux_logits`` is produced.
 
     Shape:
@@ -83,6 +88,7 @@ class SegmentationModel(nn.Module):
         self.auxlayer = aux_head
         self.num_classes = num_classes
         self.feature_channels = feature_channels
+        self.backbone_channels = int(getattr(backbone, "out_channels", 0))
         self.has_aux = aux_head is not None
 
     def forward(self, images: Tensor, *, with_aux: bool = True) -> SegmentationOutput:
@@ -106,7 +112,7 @@ class SegmentationModel(nn.Module):
         c3, c4 = self.pretrained(images)
         logits, features = self.head(c4)
         aux_logits = self.auxlayer(c3) if (self.auxlayer is not None and with_aux) else None
-        return SegmentationOutput(logits, aux_logits, features)
+        return SegmentationOutput(logits, aux_logits, features, c4)
 
     def extra_repr(self) -> str:
         return (

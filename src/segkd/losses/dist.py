@@ -58,16 +58,25 @@ def _class_rows(logits: Tensor) -> Tensor:
     return logits.movedim(1, -1).reshape(-1, logits.shape[1])
 
 
-def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> Tensor:
+def dist_loss(
+    student: Tensor,
+    teacher: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+    softmax: bool = True,
+) -> Tensor:
     r"""DIST loss: inter-class and intra-class Pearson-correlation matching, every pixel a sample.
 
     The logits are rearranged so that each pixel of each image is one row, ``Y`` of shape
-    ``(M, C)`` with ``M = N H W``, and softened over classes at temperature :math:`\tau`.
+    ``(M, C)`` with ``M = N H W``, and (with ``softmax=True``) softened over classes at temperature
+    :math:`\tau`:
 
     .. math::
 
         Y_S = \mathrm{softmax}(Z_S / \tau), \quad Y_T = \mathrm{softmax}(Z_T / \tau)
         \quad (\text{over the } C \text{ classes of each row}),
+        \qquad \text{or, with } \texttt{softmax=False}: \quad Y_S = Z_S / \tau, \quad Y_T = Z_T / \tau,
 
         L_{inter} = 1 - \frac{1}{M} \sum_{m=1}^{M} \rho\left(Y_S[m, :],\, Y_T[m, :]\right), \qquad
         L_{intra} = 1 - \frac{1}{C} \sum_{c=1}^{C} \rho\left(Y_S[:, c],\, Y_T[:, c]\right),
@@ -82,6 +91,12 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
     Teacher", NeurIPS 2022 (code: github.com/hunto/DIST_KD; its segmentation variant applies the
     softmax at :math:`\tau = 1`, the default here).
 
+    Two forms: ``softmax=True`` (default) is DIST_KD's; ``softmax=False`` correlates the raw logits,
+    as the HWD authors' ``CriterionDIST`` does (github.com/zju-SWJ/HWD, ``losses/loss.py``, softmax
+    commented out; its README's "w/o Softmax" rows are the DIST numbers of the HWD paper's Table II).
+    The correlation is scale-invariant, so without the softmax :math:`\tau` only scales the loss by
+    :math:`\tau^2` (up to :math:`\epsilon`); the HWD form is ``softmax=False, tau=1``.
+
     The teacher is detached inside: it never receives a gradient.
 
     **Degenerate inputs** (finite value and gradient, no NaN): a row or column with zero variance has
@@ -95,6 +110,7 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
         tau: softmax temperature, > 0.
+        softmax: correlate ``softmax(z / tau)`` (DIST_KD, default) or ``z / tau`` (the HWD code).
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` (segmentation); also accepted: ``(N, C)``
@@ -123,14 +139,19 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
         torch.Size([2, 5, 8, 8])
         >>> round(dist_loss(teacher, teacher).item(), 4)
         0.0
+        >>> round(dist_loss(student, teacher, softmax=False).item(), 4)  # the HWD code's form
+        1.9654
     """
     _checks.check_student_teacher_logits(student, teacher, min_dims=2)
     beta = _checks.check_non_negative(beta, "beta")
     gamma = _checks.check_non_negative(gamma, "gamma")
     tau = _checks.check_positive(tau, "tau")
+    softmax = _checks.check_bool(softmax, "softmax")
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-    y_s = torch.softmax(_class_rows(student).to(dtype) / tau, dim=1)
-    y_t = torch.softmax(_class_rows(teacher.detach()).to(dtype) / tau, dim=1)
+    y_s = _class_rows(student).to(dtype) / tau
+    y_t = _class_rows(teacher.detach()).to(dtype) / tau
+    if softmax:
+        y_s, y_t = torch.softmax(y_s, dim=1), torch.softmax(y_t, dim=1)
     inter = 1.0 - pearson_correlation(y_s, y_t, dim=1).mean()
     intra = 1.0 - pearson_correlation(y_s, y_t, dim=0).mean()
     return (tau * tau) * (beta * inter + gamma * intra)
@@ -140,12 +161,14 @@ class DISTLoss(nn.Module):
     r"""DIST loss as a module; see :func:`segkd.functional.dist_loss`.
 
     Has no trainable parameters. The paper's segmentation setting is ``beta = gamma = tau = 1``
-    (the defaults), with the loss added to the task loss at weight 1.
+    (the defaults), with the loss added to the task loss at weight 1; the HWD paper's Table II ran
+    the same with ``softmax=False`` (raw logits, the HWD code's ``CriterionDIST``).
 
     Args:
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
         tau: softmax temperature, > 0.
+        softmax: correlate softmax probabilities (DIST_KD, default) or raw logits (the HWD code).
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` logits (also ``(N, C)`` or ``(N, C, L)``).
@@ -161,15 +184,16 @@ class DISTLoss(nn.Module):
         2.0093
     """
 
-    def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, softmax: bool = True) -> None:
         super().__init__()
         self.beta = _checks.check_non_negative(beta, "beta")
         self.gamma = _checks.check_non_negative(gamma, "gamma")
         self.tau = _checks.check_positive(tau, "tau")
+        self.softmax = _checks.check_bool(softmax, "softmax")
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         """Return the DIST loss of ``student`` logits towards ``teacher`` logits."""
-        return dist_loss(student, teacher, self.beta, self.gamma, self.tau)
+        return dist_loss(student, teacher, self.beta, self.gamma, self.tau, self.softmax)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}"
+        return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, softmax={self.softmax}"
