@@ -360,6 +360,8 @@ def test_selection_and_cocostuff_paper_scale(tmp_path: Path) -> None:
     cells = table_rows((out / "report.md").read_text())[("cocostuff", "deeplabv3_r18", "none")]
     assert cells[0] == "25.50"
     assert cells[5] == "last (iter 300)"
+
+
 def test_mgd_paper_recipe_gets_its_own_row(tmp_path: Path) -> None:
     # *_mgd_paper.yaml configs (kd.recipe: paper) are not Table II's MGD: own row, no paper number to compare with.
     root = tmp_path / "runs"
