@@ -1,4 +1,4 @@
-"""Compile, for an H100, the kernels that real launches at a set of shapes ask for (run by test_triton_compiles.py).
+"""Compile, for each GPU architecture, the kernels that real launches ask for (run by test_triton_compiles.py).
 
 ``_compile_kernels.py`` compiles each kernel variant with general integer arguments. A launch on a GPU is
 specialised further on its arguments: an integer equal to 1 becomes a constant (one row, rows of one element,
@@ -8,9 +8,13 @@ the compiler vectorise loads). Neither the interpreter nor the general variants 
 Here the launchers run on CPU tensors with each launch replaced by a recorder, with the row split that an
 H100's 132 SMs would give. For each distinct specialisation the launches ask for, the script builds the
 signature and attributes the way Triton's launcher does (``create_function_from_signature`` and
-``JITFunction._pack_args``, Triton internals) and compiles it down to ``ptxas`` for sm_90. Must run where
-``TRITON_INTERPRET`` is unset. Prints one line per compiled variant and exits non-zero on the first failure;
-exits with status 3 and a message when this Triton lacks the internals used here.
+``JITFunction._pack_args``, Triton internals) and compiles it down to ``ptxas``: for sm_90 every launch at
+``SHAPES`` x ``DTYPES``; with the argument ``archs``, for each other architecture of ``EXTRA_ARCHS`` that this
+Triton can target (a trivial kernel compiles for it) a representative subset: every kernel variant at
+``SUBSET_SHAPES`` x ``SUBSET_DTYPES``.
+Must run where ``TRITON_INTERPRET`` is unset. Prints one line per compiled variant (``ok <kernel> sm_<arch>:``),
+``unsupported sm_<arch>: <why>`` for an architecture this Triton cannot target, and exits non-zero on the first
+failure; exits with status 3 and a message when this Triton lacks the internals used here.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -41,7 +46,10 @@ except ImportError as error:  # pragma: no cover - depends on the installed Trit
 
 from segkd.ops import _triton_backend, _triton_weighting
 
-TARGET = GPUTarget("cuda", 90, 32)
+FULL_ARCH = 90  # every recorded launch is compiled for this one
+# The other architectures people train on: T4, A100, RTX 30xx, L4 / RTX 40xx, B200, RTX 50xx.
+EXTRA_ARCHS = (75, 80, 86, 89, 100, 120)
+TARGET = GPUTarget("cuda", FULL_ARCH, 32)
 H100_PROGRAMS = _triton_backend.PROGRAMS_PER_SM * 132
 # (N, C, L): what each shape exercises on an H100.
 SHAPES = [
@@ -59,6 +67,17 @@ MISALIGNED_SHAPES = [(1, 3, 35), (8, 19, 8192)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 WEIGHTINGS = ["uniform", "hwd", "given"]
 REDUCTIONS = ["mean", "sum", "none"]
+# The subset for EXTRA_ARCHS: rows read whole (odd sizes, nothing divisible by 16) and rows split into segments
+# (aligned), in the three training dtypes; every kernel variant (forward x sqdist x split, combine, backward with
+# and without coefficients, finalize x weighting x split) appears, most specialisations of integers do not.
+SUBSET_SHAPES = [(1, 3, 35), (8, 19, 8192)]
+SUBSET_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SUBSET_REDUCTIONS = ["mean", "none"]
+
+
+def target(arch: int) -> GPUTarget:
+    """The CUDA target of compute capability ``arch`` (e.g. 86 for sm_86), warps of 32 threads."""
+    return GPUTarget("cuda", arch, 32)
 
 
 class Launch(NamedTuple):
@@ -69,46 +88,51 @@ class Launch(NamedTuple):
     specialization: list[tuple[str, Any]]
     options: dict[str, Any]
     kwargs: dict[str, Any]
+    target: GPUTarget = TARGET
 
     @property
     def key(self) -> tuple[str, str]:
         """Equal for launches that compile to the same program."""
-        return self.kernel.fn.__name__, repr((self.specialization, sorted(self.options.items())))
+        programs = repr((self.target.arch, self.specialization, sorted(self.options.items())))
+        return self.kernel.fn.__name__, programs
 
     def compile(self) -> tuple[Any, dict[Any, Any]]:
-        """The compiled kernel for sm_90, and its constexprs (the specialised integers among them)."""
-        backend = make_backend(TARGET)
+        """The compiled kernel for its target, and its constexprs (the specialised integers among them)."""
+        backend = make_backend(self.target)
         packed = self.kernel._pack_args(backend, self.kwargs, self.bound, self.specialization, self.options)
         options, signature, constexprs, attrs = packed
         source = ASTSource(self.kernel, signature, constexprs, attrs)
-        return triton.compile(source, target=TARGET, options=options.__dict__), constexprs
+        return triton.compile(source, target=self.target, options=options.__dict__), constexprs
 
 
 class _Recorder:
     """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch instead of running it."""
 
-    def __init__(self, kernel: JITFunction, backend: Any, launches: list[Launch]) -> None:
-        self._kernel, self._launches = kernel, launches
+    def __init__(self, kernel: JITFunction, backend: Any, launches: list[Launch], target: GPUTarget) -> None:
+        self._kernel, self._launches, self._target = kernel, launches, target
         self._binder = create_function_from_signature(kernel.signature, kernel.params, backend)
 
     def __getitem__(self, grid: tuple[int, ...]) -> Any:
         def launch(*args: Any, **kwargs: Any) -> None:
             bound, specialization, options = self._binder(*args, **kwargs)
-            self._launches.append(Launch(self._kernel, bound, specialization, options, dict(kwargs)))
+            self._launches.append(Launch(self._kernel, bound, specialization, options, dict(kwargs), self._target))
 
         return launch
 
 
 @contextlib.contextmanager
-def recording(programs: int = H100_PROGRAMS) -> Iterator[list[Launch]]:
-    """Inside the block the launchers record their launches into the yielded list, splitting rows for ``programs``."""
-    backend = make_backend(TARGET)
+def recording(programs: int = H100_PROGRAMS, target: GPUTarget = TARGET) -> Iterator[list[Launch]]:
+    """Inside the block the launchers record their launches for ``target`` into the yielded list.
+
+    Rows are split as for a GPU that wants ``programs`` programs.
+    """
+    backend = make_backend(target)
     launches: list[Launch] = []
     recorders: dict[Any, _Recorder] = {}
 
     def recorder(kernel: JITFunction, device: torch.device) -> _Recorder:
         if kernel not in recorders:
-            recorders[kernel] = _Recorder(kernel, backend, launches)
+            recorders[kernel] = _Recorder(kernel, backend, launches, target)
         return recorders[kernel]
 
     saved = _triton_backend._kernel_for, _triton_backend._target_programs
@@ -120,11 +144,18 @@ def recording(programs: int = H100_PROGRAMS) -> Iterator[list[Launch]]:
         _triton_backend._kernel_for, _triton_backend._target_programs = saved
 
 
-def record_launches() -> dict[tuple[str, str], Launch]:
-    """Run every launcher path at ``SHAPES`` x ``DTYPES`` (and the misaligned views); the distinct launches by key."""
-    cases = [(shape, dtype, 0) for shape, dtype in itertools.product(SHAPES, DTYPES)]
-    cases += [(shape, dtype, 1) for shape, dtype in itertools.product(MISALIGNED_SHAPES, DTYPES)]
-    with recording() as launches:
+def record_launches(
+    arch: int = FULL_ARCH,
+    shapes: list[tuple[int, int, int]] = SHAPES,
+    misaligned: list[tuple[int, int, int]] = MISALIGNED_SHAPES,
+    dtypes: list[torch.dtype] = DTYPES,
+    reductions: list[str] = REDUCTIONS,
+) -> dict[tuple[str, str], Launch]:
+    """Run every launcher path at ``shapes`` x ``dtypes`` (and the ``misaligned`` views) for ``arch``; the distinct
+    launches by key."""
+    cases = [(shape, dtype, 0) for shape, dtype in itertools.product(shapes, dtypes)]
+    cases += [(shape, dtype, 1) for shape, dtype in itertools.product(misaligned, dtypes)]
+    with recording(target=target(arch)) as launches:
         for (images, channels, length), dtype, offset in cases:
             rows = images * channels
             student = torch.empty(offset + rows * length, dtype=dtype)[offset:].view(rows, length)
@@ -137,13 +168,29 @@ def record_launches() -> dict[tuple[str, str], Launch]:
             for grad_loss in (torch.empty(1, dtype=stat_dtype), torch.empty(rows, dtype=stat_dtype)):
                 _triton_backend.backward(student, teacher, stats_s, stats_t, grad_loss, 4.0, coef=coef)
             weights = torch.empty(rows, dtype=stat_dtype)
-            for mode, reduction in itertools.product(WEIGHTINGS, REDUCTIONS):
+            for mode, reduction in itertools.product(WEIGHTINGS, reductions):
                 given = weights if mode == "given" else None
                 _triton_weighting.weighted_forward(student, teacher, given, 4.0, channels, mode, 0.0, 0.5, reduction)
     distinct: dict[tuple[str, str], Launch] = {}
     for launch in launches:
         distinct.setdefault(launch.key, launch)
     return distinct
+
+
+@triton.jit
+def _probe_kernel(x_ptr, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offsets, tl.load(x_ptr + offsets) * 2.0)
+
+
+def unsupported_reason(arch: int) -> str | None:
+    """``None`` when this Triton (and its ``ptxas``) can target ``arch``, else the first line of why not."""
+    source = ASTSource(_probe_kernel, {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {(1,): 128})
+    try:
+        triton.compile(source, target=target(arch))
+    except Exception as error:  # an unknown target, a ptxas without it: this Triton cannot compile for it
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return None
 
 
 _SEEN: list[Launch] = []  # filled before the workers fork, read by index in them
@@ -159,17 +206,29 @@ def _compile(index: int) -> tuple[str, str, list[str]]:
     divisible = sum(1 for kind in launch.specialization if len(kind) > 1 and kind[1] == "D")
     fused = compiled.metadata.enable_fp_fusion  # the launchers ask for FMA contraction whatever Triton's default
     summary = f"{divisible} arguments divisible by 16; equal to 1: {', '.join(ones) or '-'}; fma: {fused}"
-    return name, summary, ones
+    return f"{name} sm_{launch.target.arch}", summary, ones
 
 
 def main() -> None:
-    _SEEN.extend(record_launches().values())
+    """``python _compile_launches.py``: every launch for sm_90; ``python _compile_launches.py archs``: the subset
+    for each of ``EXTRA_ARCHS``."""
+    if sys.argv[1:] == ["archs"]:
+        for arch in EXTRA_ARCHS:
+            reason = unsupported_reason(arch)
+            if reason is not None:
+                print(f"unsupported sm_{arch}: {reason}", flush=True)
+                continue
+            _SEEN.extend(record_launches(arch, SUBSET_SHAPES, [], SUBSET_DTYPES, SUBSET_REDUCTIONS).values())
+    else:
+        _SEEN.extend(record_launches().values())
     ones_by_kernel: dict[str, set[str]] = {}
     workers = min(4, os.cpu_count() or 1)  # compiling is CPU-bound Python and ptxas: one process per core
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        for name, summary, ones in pool.map(_compile, range(len(_SEEN))):
-            ones_by_kernel.setdefault(name, set()).update(ones)
-            print(f"ok {name}: {summary}", flush=True)
+        for label, summary, ones in pool.map(_compile, range(len(_SEEN))):
+            name, arch = label.split(" ")
+            if arch == f"sm_{FULL_ARCH}":
+                ones_by_kernel.setdefault(name, set()).update(ones)
+            print(f"ok {label}: {summary}", flush=True)
     for name, ones in sorted(ones_by_kernel.items()):
         print(f"{name}: compiled with each of these equal to 1: {', '.join(sorted(ones))}")
 

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from segkd.ops import _torch_backend
+from segkd.ops import _selfcheck, _torch_backend
 from segkd.ops.channel_kl import ChannelKLFunction, available_backends, channel_kl, keeps_direction, resolve_backend
 from segkd.testing.reference import channel_kl_reference, spatial_softmax_reference
 
@@ -384,6 +384,7 @@ class _FakeTritonLauncher(types.ModuleType):
 def fake_triton(monkeypatch: pytest.MonkeyPatch) -> _FakeTritonLauncher:
     fake = _FakeTritonLauncher()
     monkeypatch.setattr(channel_kl_module, "_triton_module", lambda: fake)
+    monkeypatch.setattr(_selfcheck, "triton_works", lambda device, dtype: True)  # tests/ops/test_selfcheck.py
     monkeypatch.delenv("SEGKD_DISABLE_TRITON", raising=False)
     return fake
 

@@ -1,10 +1,11 @@
-"""Every Triton kernel variant compiles for an sm_90 GPU, checked on a machine without one.
+"""Every Triton kernel variant compiles for an sm_90 GPU, and for the other GPUs people train on, without one.
 
 The CPU tests run the kernels under the Triton interpreter, which executes them as NumPy code and
 cannot see errors that only the compiler reports; ``_compile_kernels.py`` sends each variant through
 Triton's whole pipeline down to ``ptxas``, and ``_compile_launches.py`` each specialisation that real
 launches at a set of shapes would ask for on an H100 (integers equal to 1 as constants, arguments
-divisible by 16 marked so), in subprocesses without ``TRITON_INTERPRET``.
+divisible by 16 marked so), and a representative subset of them (every kernel variant, fp32, bf16 and fp16)
+for sm_75, sm_80, sm_86, sm_89, sm_100 and sm_120, in subprocesses without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ def _nvidia_backend_available() -> bool:
 
 
 def _run_without_interpreter(
-    script: Path, cache: Path, fp_fusion_default: str = "1"
+    script: Path, cache: Path, fp_fusion_default: str = "1", *args: str
 ) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env |= {"TRITON_CACHE_DIR": str(cache), "TRITON_DEFAULT_FP_FUSION": fp_fusion_default, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 pytestmark = [
@@ -68,3 +69,34 @@ def test_launch_specialisations_compile_for_cuda(tmp_path: Path) -> None:
     forward = [line for line in compiled if line.startswith("ok channel_kl_forward_kernel")]
     assert forward
     assert all(line.endswith("fma: True") for line in forward), forward[:3]
+
+
+# Kernel variants of the subset: forward (fp32, bf16, fp16) x split x sqdist, combine x sqdist, backward x dtype x
+# coefficients, finalize x weighting x reduction x split; each at least once per architecture.
+SUBSET_VARIANTS = {
+    "channel_kl_forward_kernel": 12,
+    "channel_kl_combine_kernel": 2,
+    "channel_kl_backward_kernel": 6,
+    "weighted_finalize_kernel": 12,
+}
+
+
+def test_launches_compile_for_every_architecture(tmp_path: Path) -> None:
+    done = _run_without_interpreter(LAUNCHES_SCRIPT, tmp_path, "0", "archs")
+    if done.returncode == MISSING_INTERNALS:
+        pytest.skip(done.stdout.strip())
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    unsupported = {line.split(":")[0].removeprefix("unsupported ") for line in lines if line.startswith("unsupported")}
+    assert not unsupported & {"sm_80", "sm_86", "sm_89"}, done.stdout  # every Triton that segkd supports has these
+    compiled: dict[str, dict[str, int]] = {}
+    for line in lines:
+        if line.startswith("ok "):
+            kernel, arch = line.removeprefix("ok ").split(":")[0].split(" ")
+            compiled.setdefault(arch, {}).setdefault(kernel, 0)
+            compiled[arch][kernel] += 1
+    expected = {f"sm_{arch}" for arch in (75, 80, 86, 89, 100, 120)} - unsupported
+    assert set(compiled) == expected, done.stdout
+    for arch, kernels in compiled.items():
+        assert set(kernels) == set(SUBSET_VARIANTS), (arch, kernels)
+        assert all(kernels[name] >= least for name, least in SUBSET_VARIANTS.items()), (arch, kernels)

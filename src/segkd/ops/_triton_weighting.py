@@ -206,15 +206,16 @@ def weighted_forward(
     mu: float,
     beta: float,
     reduction: str,
+    plan: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss, coef, stats_s, stats_t)`` of the weighted loss on ``(R, L)`` rows: two launches.
 
-    The row kernel, then the finalize. When the rows are split (``_triton_backend.plan_segments``) the
-    finalize also combines the segments, so the launch count does not grow.
+    The row kernel, then the finalize. When the rows are split (``plan``, by default from
+    ``_triton_backend.plan_segments``) the finalize also combines the segments, so the launch count does not grow.
     """
     num_rows, row_length = student.shape
     need_sqdist = mode == "hwd"
-    plan = _triton_backend.plan_segments(num_rows, row_length, student.device)
+    plan = plan or _triton_backend.plan_segments(num_rows, row_length, student.device)
     segments, segment_length = plan
     if segments == 1 or channels > MAX_BLOCK_C:
         kl, sqdist, stats_s, stats_t = _triton_backend.forward(student, teacher, tau, need_sqdist, plan)

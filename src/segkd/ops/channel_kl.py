@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from segkd import _checks
-from segkd.ops import _torch_backend
+from segkd.ops import _selfcheck, _torch_backend
 
 __all__ = ["BACKENDS", "ChannelKLFunction", "available_backends", "channel_kl", "resolve_backend"]
 
@@ -69,11 +69,20 @@ def available_backends() -> list[str]:
     return names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto" | "torch" | "triton"`` into the concrete backend for ``device``.
+def _auto_considers_triton(device: torch.device) -> bool:
+    """Whether ``"auto"`` considers Triton on ``device`` at all: CUDA (tests widen it to the CPU interpreter)."""
+    return device.type == "cuda"
 
-    ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"`` whatever was asked. ``"auto"`` picks Triton
-    for CUDA tensors when it imports, the PyTorch reference otherwise.
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Turn ``"auto" | "torch" | "triton"`` into the concrete backend for ``device`` and the inputs' ``dtype``.
+
+    ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"`` whatever was asked. ``"auto"`` picks Triton for CUDA
+    tensors when it imports, the GPU's compute capability is one the kernels are compile-tested for
+    (sm_75 or newer), and the kernels pass their first-use self-check on that ``(device, dtype)``
+    (``_selfcheck``: run once, a warning and the PyTorch reference if it fails); the PyTorch reference
+    otherwise. Under ``torch.compile`` it reads the check's cached verdict only (no verdict yet: ``"torch"``).
+    ``"triton"`` skips the check: errors are raised.
 
     Raises:
         ValueError: unknown ``backend``.
@@ -89,7 +98,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "`pip install segkd[triton]`, or use backend='torch'."
             )
         return "triton"
-    return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if not (_auto_considers_triton(device) and _triton_available()):
+        return "torch"
+    if torch.compiler.is_compiling():  # never run the check while tracing
+        return "triton" if _selfcheck.passed(device, dtype) else "torch"
+    return "triton" if _selfcheck.triton_works(device, dtype) else "torch"
 
 
 def stats_shape(backend: str, num_rows: int) -> tuple[int, ...]:
@@ -309,8 +322,8 @@ def channel_kl(
         teacher: teacher logits, same shape and device (a different floating dtype is promoted).
         tau: softmax temperature, > 0.
         return_sqdist: also return the squared L2 distance between the two softmaxes.
-        backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"`` or
-            ``"triton"``. ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"``.
+        backend: ``"auto"`` (Triton on CUDA when installed and its first-use self-check passes, else
+            PyTorch), ``"torch"`` or ``"triton"``. ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"``.
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` or ``(N, C, L)`` (any trailing dims are flattened).
@@ -338,7 +351,7 @@ def channel_kl(
     """
     student_rows, teacher_rows = as_rows(student, teacher)
     tau = _checks.check_positive(tau, "tau")
-    name = resolve_backend(backend, student.device)
+    name = resolve_backend(backend, student.device, student_rows.dtype)
     batch, channels = student.shape[:2]
     kl, sqdist = _apply(student_rows, teacher_rows, tau, return_sqdist, name)
     kl = kl.view(batch, channels)

@@ -279,5 +279,5 @@ def weighted_channel_kl(
         given = _checks.check_weights_tensor(weights, "weights", student)
         given = given.detach().reshape(-1).to(_weighting_dtype(student_rows))
         mode = "given"
-    name = resolve_backend(backend, student.device)
+    name = resolve_backend(backend, student.device, student_rows.dtype)
     return _apply(student_rows, teacher_rows, given, tau, channels, mode, mu, beta, reduction, name)
