@@ -132,6 +132,11 @@ def _dataset_body(dataset: str) -> list[tuple[str, Any, str]]:
         ("data_root", None, "--data-root DIR (layout in docs/datasets.md)"),
         ("crop_size", [512, 512], "Cityscapes option: [512, 1024] (CIRKD's crop)" if dataset == "cityscapes" else ""),
         ("scale_range", [0.5, 2.0], ""),
+        (
+            "scale_step",
+            0.1,
+            "discrete {0.5, 0.6, ..., 2.0}: HWD dataset/datasets.py generate_scale_label; null: continuous",
+        ),
         ("flip", True, ""),
         ("workers", None, "per rank; null: min(4, usable CPUs // processes on this machine)"),
     ]

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .data.transforms import scale_steps
+
 __all__ = [
     "AMP_MODES",
     "EVAL_MODES",
@@ -53,6 +55,7 @@ class TrainConfig:
     data_root: str | None = None
     crop_size: list[int] = dataclasses.field(default_factory=lambda: [512, 512])
     scale_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
+    scale_step: float | None = None  # None: continuous random scale; 0.1: the authors' {0.5, 0.6, ..., 2.0}
     flip: bool = True
     workers: int | None = None  # per rank; None: min(4, usable CPUs // processes on this machine)
     synthetic_length: int = 64
@@ -139,6 +142,11 @@ class TrainConfig:
                 )
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"Expected `scale_range` to be [low, high] with 0 < low <= high, got {self.scale_range}.")
+        if self.scale_step is not None:
+            try:
+                scale_steps(self.scale_range, self.scale_step)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         if self.eval_mode == "slide" and self.eval_crop is None:
             raise ConfigError("`eval_mode: slide` needs `eval_crop` (the window size, e.g. [512, 512]).")
         if self.train_teacher and self.method != "none":

@@ -263,6 +263,7 @@ def build_datasets(cfg: TrainConfig) -> tuple[Any, Any, Any]:
         "train",
         crop_size=tuple(cfg.crop_size),
         scale_range=tuple(cfg.scale_range),
+        scale_step=cfg.scale_step,
         flip=cfg.flip,
         synthetic_length=cfg.synthetic_length if synthetic else None,
         **common,

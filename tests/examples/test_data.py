@@ -8,6 +8,7 @@ taken from the lookup tables under test.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from segkd_examples.data import (
     build_dataset,
     check_dataset_root,
     dataset_info,
+    draw_scale,
     train_augment,
 )
 from segkd_examples.models import IMAGENET_MEAN, normalize_image
@@ -407,11 +409,20 @@ def test_train_crops_shapes_padding_and_reproducibility(tmp_path: Path) -> None:
 
 
 def _reference_augment(
-    rgb: np.ndarray, label: np.ndarray, seed: int, crop: tuple[int, int], scale_range: tuple[float, float]
+    rgb: np.ndarray,
+    label: np.ndarray,
+    seed: int,
+    crop: tuple[int, int],
+    scale_range: tuple[float, float],
+    scale_step: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize the whole image with F.interpolate, pad, crop, flip: the documented recipe, done the slow way."""
     rng = np.random.default_rng(seed)
-    scale = rng.uniform(*scale_range)
+    if scale_step is None:
+        scale = rng.uniform(*scale_range)
+    else:  # one of low, low + step, ..., high, equally likely
+        count = round((scale_range[1] - scale_range[0]) / scale_step) + 1
+        scale = scale_range[0] + scale_step * int(rng.integers(0, count))
     h, w = label.shape
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     image = F.interpolate(normalize_image(rgb)[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
@@ -443,6 +454,39 @@ def test_windowed_augment_equals_resize_then_crop(scale_range: tuple[float, floa
         assert target.dtype == torch.int64
         torch.testing.assert_close(image, ref_image, atol=2e-3, rtol=0)
         assert torch.equal(target, ref_target)
+
+
+def test_discrete_scale_is_the_authors_set_each_equally_likely() -> None:
+    """HWD's ``0.5 + randint(0, 15) / 10``: 16 factors 0.5, 0.6, ..., 2.0, each with probability 1/16."""
+    rng = np.random.default_rng(0)
+    draws = np.array([draw_scale(rng, (0.5, 2.0), 0.1) for _ in range(16_000)])
+    factors, counts = np.unique(np.round(draws, 9), return_counts=True)
+    np.testing.assert_allclose(factors, 0.5 + np.arange(16) / 10, rtol=0, atol=1e-12)
+    # 1,000 expected per factor; a binomial standard deviation is 31, so 5 of them is a bound that holds.
+    assert np.abs(counts - 1000).max() < 5 * math.sqrt(16_000 * (1 / 16) * (15 / 16))
+    continuous = np.array([draw_scale(rng, (0.5, 2.0)) for _ in range(1000)])
+    assert len(np.unique(continuous)) == 1000
+    assert continuous.min() >= 0.5
+    assert continuous.max() < 2.0
+
+
+@pytest.mark.parametrize("scale_range", [(0.5, 2.0), (0.75, 1.25)])
+def test_discrete_scale_augment_equals_resize_then_crop(scale_range: tuple[float, float]) -> None:
+    source = np.random.default_rng(8)
+    rgb = source.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    label = source.integers(0, 19, size=(37, 53), dtype=np.uint8)
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        image, target = train_augment(rgb, label, rng, crop_size=(24, 30), scale_range=scale_range, scale_step=0.25)
+        ref_image, ref_target = _reference_augment(rgb, label, seed, (24, 30), scale_range, scale_step=0.25)
+        torch.testing.assert_close(image, ref_image, atol=2e-3, rtol=0)
+        assert torch.equal(target, ref_target)
+
+
+@pytest.mark.parametrize("step", [0.0, -0.1, float("nan"), 0.4])
+def test_bad_scale_step_is_refused(tmp_path: Path, step: float) -> None:
+    with pytest.raises(ValueError, match="`scale_step`"):
+        build_dataset("cityscapes", tmp_path, "train", scale_range=(0.5, 2.0), scale_step=step)
 
 
 def test_train_augment_scale_and_flip() -> None:

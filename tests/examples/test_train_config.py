@@ -140,3 +140,9 @@ def test_three_crop_numbers_are_refused_with_the_accepted_forms():
     expected = r"`crop_size` to be one positive int \(a square\) or two \[height, width\], got \[64, 64, 64\]"
     with pytest.raises(ConfigError, match=expected):
         _train_ddp().resolve_config(args)
+
+
+def test_scale_step_must_divide_the_scale_range() -> None:
+    assert config_from_dict({"scale_range": [0.5, 2.0], "scale_step": 0.1}).scale_step == 0.1
+    with pytest.raises(ConfigError, match=r"`scale_range` \[0.5, 2.0\] to span a whole number of `scale_step` 0.4"):
+        config_from_dict({"scale_range": [0.5, 2.0], "scale_step": 0.4}).validate()

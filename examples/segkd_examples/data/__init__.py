@@ -28,7 +28,7 @@ from .layouts import (
     find_samples,
 )
 from .synthetic import SyntheticSegmentation
-from .transforms import train_augment
+from .transforms import draw_scale, train_augment
 from .workers import default_workers, usable_cpus
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "EXPECTED_COUNTS",
     "SegmentationFolder",
     "SyntheticSegmentation",
+    "draw_scale",
     "train_augment",
     "default_workers",
     "usable_cpus",

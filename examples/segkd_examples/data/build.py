@@ -14,6 +14,7 @@ from .folder import SegmentationFolder
 from .info import DATASETS, dataset_info
 from .layouts import SPLITS, find_samples
 from .synthetic import SyntheticSegmentation
+from .transforms import scale_steps
 
 __all__ = ["SYNTHETIC_DEFAULT_LENGTH", "SYNTHETIC_DEFAULT_SIZE", "build_dataset"]
 
@@ -36,6 +37,7 @@ def build_dataset(
     *,
     crop_size: Sequence[int] = (512, 512),
     scale_range: Sequence[float] = (0.5, 2.0),
+    scale_step: float | None = None,
     flip: bool = True,
     synthetic_length: int | None = None,
     synthetic_size: int | None = None,
@@ -57,6 +59,7 @@ def build_dataset(
         split: ``"train"`` or ``"val"``.
         crop_size: ``(height, width)`` of training crops (real datasets).
         scale_range: ``(low, high)`` of the random scale (real datasets).
+        scale_step: ``None`` for a continuous scale, else the step of a discrete one (real datasets).
         flip: random horizontal flip in training.
         synthetic_length: number of synthetic items (default 128 train / 32 val).
         synthetic_size: synthetic image side (default 64).
@@ -91,6 +94,8 @@ def build_dataset(
     low, high = _check_pair(scale_range, "scale_range")
     if not 0 < low <= high:
         raise ValueError(f"Expected `scale_range` to be (low, high) with 0 < low <= high, got {scale_range!r}.")
+    if scale_step is not None:
+        scale_steps((low, high), scale_step)
     layout = find_samples(name, root, split, cocostuff_classes=cocostuff_classes)
     return SegmentationFolder(
         name,
@@ -99,6 +104,7 @@ def build_dataset(
         train=split == "train",
         crop_size=(int(crop_h), int(crop_w)),
         scale_range=(low, high),
+        scale_step=scale_step,
         flip=bool(flip),
         seed=seed,
         ignore_index=dataset_info(name).ignore_index,

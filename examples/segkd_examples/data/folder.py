@@ -75,6 +75,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         train: augment (True) or return whole images (False).
         crop_size: ``(height, width)`` of training crops.
         scale_range: ``(low, high)`` of the random scale.
+        scale_step: ``None``: continuous scale; else drawn from ``low, low + step, ..., high``.
         flip: random horizontal flip in training.
         seed: base seed of the augmentation.
         ignore_index: label of padded pixels (the LUT already maps unlabelled values to 255).
@@ -89,6 +90,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         train: bool,
         crop_size: Sequence[int] = (512, 512),
         scale_range: Sequence[float] = (0.5, 2.0),
+        scale_step: float | None = None,
         flip: bool = True,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
@@ -99,6 +101,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         self.train = train
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.scale_step = scale_step
         self.flip = flip
         self.seed = seed
         self.ignore_index = ignore_index
@@ -139,6 +142,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
             rng,
             crop_size=self.crop_size,
             scale_range=self.scale_range,
+            scale_step=self.scale_step,
             flip=self.flip,
             ignore_index=self.ignore_index,
         )

@@ -11,6 +11,7 @@ is proportional to the crop, not to the scaled image, which keeps data loading o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,6 +71,35 @@ def _resample_window(
     return left + (right - left) * cw[None, :, None]
 
 
+def scale_steps(scale_range: Sequence[float], scale_step: float) -> int:
+    """Return ``n`` such that ``low + k * scale_step`` for ``k = 0..n`` spans ``scale_range`` exactly.
+
+    Raises:
+        ValueError: ``scale_step`` is not > 0, or ``high - low`` is not a whole number of steps.
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if not (math.isfinite(scale_step) and scale_step > 0):
+        raise ValueError(f"Expected `scale_step` to be a finite number > 0, got {scale_step}.")
+    steps = round((high - low) / scale_step)
+    if abs(low + steps * scale_step - high) > 1e-9 * max(1.0, high):
+        raise ValueError(
+            f"Expected `scale_range` {list(scale_range)} to span a whole number of `scale_step` {scale_step} steps."
+        )
+    return steps
+
+
+def draw_scale(rng: np.random.Generator, scale_range: Sequence[float], scale_step: float | None = None) -> float:
+    r"""Draw a random scale factor: :math:`U(s_{lo}, s_{hi})`, or uniform over :math:`s_{lo} + k \Delta`.
+
+    With ``scale_step`` :math:`\Delta`, the factor is one of ``low, low + step, ..., high``, each equally likely:
+    ``0.5 + randint(0, 15) / 10`` in the HWD authors' ``dataset/datasets.py`` is ``(0.5, 2.0)`` with step 0.1.
+    """
+    low, high = float(scale_range[0]), float(scale_range[1])
+    if scale_step is None:
+        return float(rng.uniform(low, high))
+    return low + scale_step * int(rng.integers(0, scale_steps(scale_range, scale_step) + 1))
+
+
 def train_augment(
     rgb: np.ndarray,
     label: np.ndarray,
@@ -77,6 +107,7 @@ def train_augment(
     *,
     crop_size: Sequence[int],
     scale_range: Sequence[float] = (0.5, 2.0),
+    scale_step: float | None = None,
     flip: bool = True,
     ignore_index: int = 255,
 ) -> tuple[Tensor, Tensor]:
@@ -84,7 +115,8 @@ def train_augment(
 
     .. math::
 
-        s \sim U(s_{lo}, s_{hi}), \quad (H', W') = (\mathrm{round}(sH), \mathrm{round}(sW))
+        s \sim U(s_{lo}, s_{hi}) \text{ (or uniform over } s_{lo} + k\Delta\text{, see :func:`draw_scale`)}, \quad
+        (H', W') = (\mathrm{round}(sH), \mathrm{round}(sW))
 
     The image is resized bilinearly and the label by nearest neighbour to ``(H', W')``; if that is smaller than the
     crop, it is padded at the bottom/right (image with 0 after normalisation, i.e. the mean colour; label with
@@ -97,6 +129,7 @@ def train_augment(
         rng: the item's random generator.
         crop_size: ``(height, width)`` of the output.
         scale_range: ``(low, high)`` of the uniform scale factor.
+        scale_step: ``None`` for a continuous scale; else the factor is drawn from ``low, low + step, ..., high``.
         flip: allow the horizontal flip.
         ignore_index: label value of padded pixels.
 
@@ -113,7 +146,7 @@ def train_augment(
         )
     crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
     height, width = label.shape
-    scale = float(rng.uniform(scale_range[0], scale_range[1]))
+    scale = draw_scale(rng, scale_range, scale_step)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     top = int(rng.integers(0, max(new_h, crop_h) - crop_h + 1))
     left = int(rng.integers(0, max(new_w, crop_w) - crop_w + 1))
