@@ -25,12 +25,6 @@ METHOD_KD = {
 ADVERSARIAL = ("skd", "ifvd")
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")

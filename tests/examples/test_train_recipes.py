@@ -31,12 +31,6 @@ IGNORE = 255
 REL, ABS = 1e-4, 1e-7  # float32 pipeline against float64 formulas
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe_teacher")
@@ -281,9 +275,8 @@ def test_ifvd_recipe(tmp_path, teacher_ckpt, monkeypatch):
     assert [r["disc_lr"] for r in step.records] == pytest.approx([4e-4, 4e-4 * 0.5**0.9])
 
 
-def test_mgd_recipe(tmp_path, teacher_ckpt, monkeypatch):
-    # train_mgd.py:206: 2e-5 * CriterionMGD(mask ratio 0.75)(s_outputs[-1], t_outputs[-1]): align 1x1 conv to the
-    # teacher's width, zero the masked positions, generate (3x3, ReLU, 3x3), squared error summed / N. No logit term.
+def _record_mgd_masks(monkeypatch: pytest.MonkeyPatch) -> list[Tensor]:
+    """The masks MGD draws during the step, in order (the step's own random masks, kept for the formula)."""
     import segkd.losses.mgd as mgd_module
 
     masks: list[Tensor] = []
@@ -294,6 +287,13 @@ def test_mgd_recipe(tmp_path, teacher_ckpt, monkeypatch):
         return masks[-1]
 
     monkeypatch.setattr(mgd_module, "mgd_mask", recorded)
+    return masks
+
+
+def test_mgd_recipe(tmp_path, teacher_ckpt, monkeypatch):
+    # train_mgd.py:206: 2e-5 * CriterionMGD(mask ratio 0.75)(s_outputs[-1], t_outputs[-1]): align 1x1 conv to the
+    # teacher's width, zero the masked positions, generate (3x3, ReLU, 3x3), squared error summed / N. No logit term.
+    masks = _record_mgd_masks(monkeypatch)
     step = _one_step(tmp_path, teacher_ckpt, monkeypatch, "mgd", size=32)
     keep = masks[0].double()
     assert keep.mean().item() < 0.6  # about 1 - 0.75 of the positions are kept
@@ -308,16 +308,7 @@ def test_mgd_recipe(tmp_path, teacher_ckpt, monkeypatch):
 def test_mgd_paper_recipe(tmp_path, teacher_ckpt, monkeypatch):
     # Not Table II: the MGD paper's (yzd-v/MGD, seg/mmseg/distillation/distillers/segmentation_distiller.py:118-130)
     # MGD term on the backbone's last stage (student_feat[-1]) + 3 * CWD on the logits at tau 4 (loss_logit).
-    import segkd.losses.mgd as mgd_module
-
-    masks: list[Tensor] = []
-    draw = mgd_module.mgd_mask
-
-    def recorded(*args, **kwargs):
-        masks.append(draw(*args, **kwargs))
-        return masks[-1]
-
-    monkeypatch.setattr(mgd_module, "mgd_mask", recorded)
+    masks = _record_mgd_masks(monkeypatch)
     step = _one_step(tmp_path, teacher_ckpt, monkeypatch, "mgd", size=32, kd={"recipe": "paper"})
     s, t = step.student, step.teacher
     loss = copy.deepcopy(step.before.distiller.loss).double()
