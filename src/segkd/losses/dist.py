@@ -94,7 +94,7 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
         teacher: teacher logits, same shape and device.
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` (segmentation); also accepted: ``(N, C)``
@@ -106,7 +106,7 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
 
     Raises:
         TypeError: non-tensor or integer inputs, non-numeric ``beta``, ``gamma`` or ``tau``.
-        ValueError: shapes or devices differ, fewer than 2 dims, empty input, ``tau <= 0``,
+        ValueError: shapes or devices differ, fewer than 2 dims, empty input, ``tau`` outside ``[1e-12, 1e12]``,
             negative ``beta`` or ``gamma``.
 
     Example:
@@ -127,7 +127,7 @@ def dist_loss(student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float 
     _checks.check_student_teacher_logits(student, teacher, min_dims=2)
     beta = _checks.check_non_negative(beta, "beta")
     gamma = _checks.check_non_negative(gamma, "gamma")
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     y_s = torch.softmax(_class_rows(student).to(dtype) / tau, dim=1)
     y_t = torch.softmax(_class_rows(teacher.detach()).to(dtype) / tau, dim=1)
@@ -145,7 +145,7 @@ class DISTLoss(nn.Module):
     Args:
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
 
     Shape:
         - student, teacher: ``(N, C, H, W)`` logits (also ``(N, C)`` or ``(N, C, L)``).
@@ -165,7 +165,7 @@ class DISTLoss(nn.Module):
         super().__init__()
         self.beta = _checks.check_non_negative(beta, "beta")
         self.gamma = _checks.check_non_negative(gamma, "gamma")
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         """Return the DIST loss of ``student`` logits towards ``teacher`` logits."""

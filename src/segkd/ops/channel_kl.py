@@ -353,7 +353,7 @@ def channel_kl(
     Args:
         student: student logits.
         teacher: teacher logits, same shape and device (a different floating dtype is promoted).
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         return_sqdist: also return the squared L2 distance between the two softmaxes.
         backend: ``"auto"`` (Triton on CUDA when installed, else PyTorch), ``"torch"`` or
             ``"triton"``. ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"``.
@@ -368,7 +368,7 @@ def channel_kl(
     Raises:
         TypeError: non-tensor or non-floating inputs, non-numeric ``tau``.
         ValueError: shapes differ, fewer than 3 dims, empty input, different devices,
-            ``tau <= 0``, unknown ``backend``; NaN/Inf inputs when ``SEGKD_CHECK_FINITE=1``.
+            ``tau`` outside ``[1e-12, 1e12]``, unknown ``backend``; NaN/Inf inputs when ``SEGKD_CHECK_FINITE=1``.
         RuntimeError: ``backend="triton"`` without Triton.
 
     Example:
@@ -383,7 +383,7 @@ def channel_kl(
         7.9162
     """
     student_rows, teacher_rows = as_rows(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     name = resolve_backend(backend, student.device)
     batch, channels = student.shape[:2]
     kl, sqdist = _apply(student_rows, teacher_rows, tau, return_sqdist, name)

@@ -236,7 +236,7 @@ def weighted_channel_kl(
     Args:
         student: student logits.
         teacher: teacher logits, same shape and device (a different floating dtype is promoted).
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         weights: ``"uniform"``, ``"hwd"``, or an ``(N, C)`` floating tensor on the inputs' device.
         mu: HWD's shift of the standardised divergences (``weights="hwd"`` only).
         beta: HWD's curve base, > 0 (``weights="hwd"`` only).
@@ -253,7 +253,7 @@ def weighted_channel_kl(
 
     Raises:
         TypeError: non-tensor or non-floating inputs or weights, non-numeric hyper-parameters.
-        ValueError: shapes or devices differ, fewer than 3 dims, empty input, ``tau <= 0``,
+        ValueError: shapes or devices differ, fewer than 3 dims, empty input, ``tau`` outside ``[1e-12, 1e12]``,
             ``beta <= 0``, non-finite ``mu``, unknown ``weights`` name, ``reduction`` or ``backend``,
             weights of the wrong shape or device.
         RuntimeError: ``backend="triton"`` without Triton.
@@ -273,7 +273,7 @@ def weighted_channel_kl(
         >>> loss.backward()
     """
     student_rows, teacher_rows = as_rows(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
