@@ -109,3 +109,23 @@ def test_equal_rows_still_give_exact_zeros() -> None:
     assert sqdist is not None
     assert sqdist.abs().max() == 0
     assert direction.abs().max() == 0
+
+
+def test_rows_where_the_teacher_has_no_mass_stay_finite() -> None:
+    # Large logits with a shared argmax: p_T underflows to 0 away from it, the KL is tiny (recomputed), and
+    # the logit differences there are huge; 0 * inf must not reach the sums (it gave NaN).
+    generator = torch.Generator().manual_seed(2)
+    student = 1e4 * torch.randn(4, 32, generator=generator)
+    teacher = 1e4 * torch.randn(4, 32, generator=generator)
+    top = student.argmax(dim=1, keepdim=True)
+    teacher.scatter_(1, top, student.gather(1, top) + 1e5)
+    student.scatter_(1, top, student.gather(1, top) + 1e5)
+    direction = _torch_backend.new_direction(student)
+    kl, sqdist, _, _ = _torch_backend.forward(student, teacher, 1.0, True, direction=direction)
+    expected_kl, expected_difference = _reference(student, teacher, 1.0)
+    assert torch.isfinite(kl).all()
+    assert torch.isfinite(direction).all()
+    assert sqdist is not None
+    assert torch.isfinite(sqdist).all()
+    torch.testing.assert_close(kl.double(), expected_kl, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(direction.double(), expected_difference, rtol=0, atol=1e-30)

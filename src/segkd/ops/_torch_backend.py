@@ -265,16 +265,20 @@ def accurate_kl(
     s, t = student.to(torch.float64), teacher.to(torch.float64)
     inv_tau = 1.0 / tau
     p_t = torch.softmax(t * inv_tau, dim=1)
-    # Positions the teacher gives no mass contribute nothing (0 log 0 = 0), whatever the logits there.
-    diff = torch.where(p_t > 0, t - s, 0.0)
+    # Positions the teacher gives no mass (underflow, or a masked logit) contribute nothing (0 log 0 = 0), whatever
+    # the logits there: d = 0 keeps 0 * inf out of the sums.
+    mass = p_t > 0
+    diff = torch.where(mass, t - s, 0.0)
     shift = (p_t * diff).sum(dim=1, keepdim=True)
-    d = (diff - shift) * inv_tau
+    d = torch.where(mass, (diff - shift) * inv_tau, 0.0)
     a = (p_t * d).sum(dim=1)
     b = (p_t * _expm1_neg_plus(d)).sum(dim=1)
     kl = a + torch.log1p(b - a)
     if not need_difference:
         return kl, None
-    return kl, p_t * torch.expm1((a - kl)[:, None] - d)
+    # Where p_T = 0 the difference is p_S itself.
+    difference = torch.where(mass, p_t * torch.expm1((a - kl)[:, None] - d), torch.softmax(s * inv_tau, dim=1))
+    return kl, difference
 
 
 def backward(student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, grad_kl: Tensor, tau: float) -> Tensor:
