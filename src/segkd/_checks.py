@@ -46,6 +46,7 @@ __all__ = [
     "check_shape_spec",
     "check_student_teacher_features",
     "check_student_teacher_logits",
+    "check_temperature",
     "finite_check_enabled",
     "shape_str",
 ]
@@ -226,6 +227,25 @@ def check_positive_int(value: Any, name: str) -> int:
         raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
     if value < 1:
         raise ValueError(f"Expected `{name}` to be >= 1, got {value}.")
+    return value
+
+
+TEMPERATURE_RANGE = (1e-12, 1e12)
+
+
+def check_temperature(value: Any, name: str = "tau") -> float:
+    """Return a softmax temperature as a float, raising unless ``1e-12 <= value <= 1e12``.
+
+    Outside that range fp32 cannot carry a distillation loss: ``tau^2`` (the losses' scale) and the KL,
+    of order ``(|t - s| / tau)^2``, leave fp32's normal range (a subnormal ``tau`` such as ``1e-39`` has an
+    infinite ``1 / tau`` and gave NaN).
+    """
+    value = check_positive(value, name)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"Expected `{name}` to be between {low:g} and {high:g} (a temperature fp32 can carry), got {value}."
+        )
     return value
 
 

@@ -126,7 +126,7 @@ def cirkd_minibatch_loss(
 
     Raises:
         TypeError: non-tensor or integer features, non-numeric ``tau``, non-int ``pool``.
-        ValueError: not 4-D, ``N``/``H``/``W`` or device differ, empty input, ``tau <= 0``,
+        ValueError: not 4-D, ``N``/``H``/``W`` or device differ, empty input, ``tau`` outside ``[1e-12, 1e12]``,
             ``pool < 1``, unknown ``reduction``.
 
     Example:
@@ -144,7 +144,7 @@ def cirkd_minibatch_loss(
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     _check_features(student_feat, teacher_feat)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     if pool is not None:
         pool = _checks.check_positive_int(pool, "pool")
     dtype = compute_dtype(student_feat, teacher_feat)
@@ -189,7 +189,7 @@ class CIRKDMiniBatchLoss(nn.Module):
 
     def __init__(self, tau: float = 0.1, pool: int | None = None, reduction: Reduction = "mean") -> None:
         super().__init__()
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.pool = None if pool is None else _checks.check_positive_int(pool, "pool")
         self.reduction: Reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
 
@@ -292,8 +292,8 @@ def cirkd_memory_kl(
     dim = student_embed.shape[1]
     _check_entries(pixel_entries, "pixel_entries", dim)
     _check_entries(region_entries, "region_entries", dim)
-    contrast_tau = _checks.check_positive(contrast_tau, "contrast_tau")
-    kd_tau = _checks.check_positive(kd_tau, "kd_tau")
+    contrast_tau = _checks.check_temperature(contrast_tau, "contrast_tau")
+    kd_tau = _checks.check_temperature(kd_tau, "kd_tau")
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
     _checks.check_finite_if_enabled(student_embed, "student_embed")
     _checks.check_finite_if_enabled(teacher_embed, "teacher_embed")
@@ -443,8 +443,8 @@ class CIRKDMemoryLoss(nn.Module):
         self.region_memory_size = _checks.check_positive_int(region_memory_size, "region_memory_size")
         self.pixel_contrast_size = _checks.check_positive_int(pixel_contrast_size, "pixel_contrast_size")
         self.region_contrast_size = _checks.check_positive_int(region_contrast_size, "region_contrast_size")
-        self.contrast_tau = _checks.check_positive(contrast_tau, "contrast_tau")
-        self.kd_tau = _checks.check_positive(kd_tau, "kd_tau")
+        self.contrast_tau = _checks.check_temperature(contrast_tau, "contrast_tau")
+        self.kd_tau = _checks.check_temperature(kd_tau, "kd_tau")
         self.ignore_index = _checks.check_int(ignore_index, "ignore_index")
         self.pixel_update_freq = _checks.check_positive_int(pixel_update_freq, "pixel_update_freq")
         self.queue_dtype = _checks.check_floating_dtype(queue_dtype, "queue_dtype")
@@ -654,7 +654,7 @@ class CIRKDLoss(nn.Module):
         self.minibatch_weight = _checks.check_non_negative(minibatch_weight, "minibatch_weight")
         self.memory_pixel_weight = _checks.check_non_negative(memory_pixel_weight, "memory_pixel_weight")
         self.memory_region_weight = _checks.check_non_negative(memory_region_weight, "memory_region_weight")
-        self.kd_tau = _checks.check_positive(kd_tau, "kd_tau")
+        self.kd_tau = _checks.check_temperature(kd_tau, "kd_tau")
         self.minibatch = CIRKDMiniBatchLoss(tau=contrast_tau, pool=minibatch_pool)
         self.memory = CIRKDMemoryLoss(
             num_classes,

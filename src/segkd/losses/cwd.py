@@ -56,7 +56,8 @@ def cwd_loss(
 
     Raises:
         TypeError: non-tensor or integer inputs.
-        ValueError: shapes or devices differ, fewer than 3 dims, ``tau <= 0``, unknown ``reduction``.
+        ValueError: shapes or devices differ, fewer than 3 dims, ``tau`` outside ``[1e-12, 1e12]``,
+            unknown ``reduction``.
 
     Example:
         >>> import torch
@@ -100,7 +101,7 @@ class CWDLoss(nn.Module):
 
     def __init__(self, tau: float = 4.0, reduction: Reduction = "mean", *, backend: Backend = "auto") -> None:
         super().__init__()
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.reduction: Reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
         self.backend: Backend = _checks.check_choice(backend, "backend", BACKENDS)  # type: ignore[assignment]
 

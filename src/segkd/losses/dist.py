@@ -109,7 +109,7 @@ def dist_loss(
         teacher: teacher logits, same shape and device.
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         softmax: correlate ``softmax(z / tau)`` (DIST_KD, default) or ``z / tau`` (the HWD code).
 
     Shape:
@@ -122,7 +122,7 @@ def dist_loss(
 
     Raises:
         TypeError: non-tensor or integer inputs, non-numeric ``beta``, ``gamma`` or ``tau``.
-        ValueError: shapes or devices differ, fewer than 2 dims, empty input, ``tau <= 0``,
+        ValueError: shapes or devices differ, fewer than 2 dims, empty input, ``tau`` outside ``[1e-12, 1e12]``,
             negative ``beta`` or ``gamma``.
 
     Example:
@@ -145,7 +145,7 @@ def dist_loss(
     _checks.check_student_teacher_logits(student, teacher, min_dims=2)
     beta = _checks.check_non_negative(beta, "beta")
     gamma = _checks.check_non_negative(gamma, "gamma")
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     softmax = _checks.check_bool(softmax, "softmax")
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
     y_s = _class_rows(student).to(dtype) / tau
@@ -167,7 +167,7 @@ class DISTLoss(nn.Module):
     Args:
         beta: weight of the inter-class term, >= 0.
         gamma: weight of the intra-class term, >= 0.
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         softmax: correlate softmax probabilities (DIST_KD, default) or raw logits (the HWD code).
 
     Shape:
@@ -188,7 +188,7 @@ class DISTLoss(nn.Module):
         super().__init__()
         self.beta = _checks.check_non_negative(beta, "beta")
         self.gamma = _checks.check_non_negative(gamma, "gamma")
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.softmax = _checks.check_bool(softmax, "softmax")
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:

@@ -97,10 +97,27 @@ def _divergence(student: Tensor, teacher: Tensor, tau: float, distance: str, bac
     if distance == "prob":
         _, sqdist = channel_kl(student, teacher, tau, return_sqdist=True, backend=backend)
         return sqdist
+    return _logit_divergence(student, teacher)
+
+
+def _logit_divergence(student: Tensor, teacher: Tensor) -> Tensor:
+    """``sum_i (s - t)^2`` per channel, divided by one power of two per image so that it cannot overflow.
+
+    The weights only see the divergences standardised over the channels of each image, which an exact
+    per-image scale leaves unchanged, so any finite logits work (fp32 squares overflowed at ``|s - t| ~ 2e19``
+    and gave uniform weights). ``(s / 2 - t / 2) / 2^k`` is formed in fp64 (fp32 where the device has no fp64),
+    with ``2^k`` the largest ``|s / 2 - t / 2|`` of the image rounded up to a power of two; halving and
+    power-of-two scales are exact. Returned in fp32 (fp64 for fp64 inputs), as the ``"prob"`` divergence.
+    """
     with torch.no_grad():
-        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
-        diff = student.detach().to(dtype) - teacher.detach().to(dtype)
-        return diff.flatten(2).square().sum(dim=2)
+        dtype = _weighting.weight_dtype(student.device)
+        if student.dtype == torch.float64:
+            dtype = torch.float64
+        half = student.detach().flatten(2).to(dtype) * 0.5 - teacher.detach().flatten(2).to(dtype) * 0.5
+        largest = half.abs().amax(dim=(1, 2), keepdim=True)
+        exponent = torch.frexp(largest).exponent  # largest = m * 2^exponent with 0.5 <= m < 1 (0 for 0)
+        divergence = torch.ldexp(half, -exponent).square().sum(dim=2)
+    return divergence.to(torch.float64 if student.dtype == torch.float64 else torch.float32)
 
 
 def hwd_weights(
@@ -137,7 +154,7 @@ def hwd_weights(
 
     Raises:
         TypeError: non-tensor or integer inputs, non-numeric hyper-parameters.
-        ValueError: shapes or devices differ, fewer than 3 dims, ``tau <= 0``, ``beta <= 0``,
+        ValueError: shapes or devices differ, fewer than 3 dims, ``tau`` outside ``[1e-12, 1e12]``, ``beta <= 0``,
             non-finite ``mu``, unknown ``distance``.
 
     Example:
@@ -151,7 +168,7 @@ def hwd_weights(
         tensor([[1., 1., 1.]])
     """
     _checks.check_student_teacher_logits(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     distance = _checks.check_choice(distance, "distance", DISTANCES)  # type: ignore[assignment]
     divergence = _divergence(student, teacher, tau, distance, backend)
     return hwd_weights_from_divergence(divergence, mu, beta)
@@ -211,7 +228,7 @@ def hwd_loss(
 
     Raises:
         TypeError: non-tensor or integer inputs, non-numeric hyper-parameters.
-        ValueError: shapes or devices differ, fewer than 3 dims, ``tau <= 0``, ``beta <= 0``,
+        ValueError: shapes or devices differ, fewer than 3 dims, ``tau`` outside ``[1e-12, 1e12]``, ``beta <= 0``,
             non-finite ``mu``, unknown ``distance`` or ``reduction``.
 
     Example:
@@ -227,7 +244,7 @@ def hwd_loss(
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
     _checks.check_student_teacher_logits(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
     distance = _checks.check_choice(distance, "distance", DISTANCES)  # type: ignore[assignment]
@@ -273,7 +290,7 @@ class HWDLoss(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.mu = _checks.check_finite_number(mu, "mu")
         self.beta = _checks.check_positive(beta, "beta")
         self.distance: Distance = _checks.check_choice(distance, "distance", DISTANCES)  # type: ignore[assignment]

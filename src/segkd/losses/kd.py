@@ -65,7 +65,7 @@ def pixel_kd_loss(
     Raises:
         TypeError: non-tensor or integer logits, labels not an integer tensor, non-int ``ignore_index``.
         ValueError: shapes or devices differ, logits not 4-D, labels not ``(N, H, W)`` of the logits,
-            ``tau <= 0``, unknown ``reduction``.
+            ``tau`` outside ``[1e-12, 1e12]``, unknown ``reduction``.
 
     Example:
         >>> import torch
@@ -83,7 +83,7 @@ def pixel_kd_loss(
         0.0
     """
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     _checks.check_student_teacher_logits(student, teacher, min_dims=4)
     _checks.check_exact_dims(student, "student", 4, "(N, C, H, W)")
     n, _, h, w = student.shape
@@ -134,7 +134,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, tau: float = 1.0, ignore_index: int = 255, reduction: Reduction = "mean") -> None:
         super().__init__()
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.ignore_index = _checks.check_int(ignore_index, "ignore_index")
         self.reduction: Reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
 

@@ -236,7 +236,7 @@ class SKDLoss(nn.Module):
         self.adversarial_weight = _checks.check_non_negative(adversarial_weight, "adversarial_weight")
         self.discriminator_weight = _checks.check_non_negative(discriminator_weight, "discriminator_weight")
         self.pool = _checks.check_positive_int(pool, "pool")
-        self.tau = _checks.check_positive(tau, "tau")
+        self.tau = _checks.check_temperature(tau)
         self.ignore_index = _checks.check_int(ignore_index, "ignore_index")
         self.discriminator = SKDDiscriminator(num_classes, conv_dim, preprocess, spectral_norm)
 

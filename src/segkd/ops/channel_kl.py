@@ -22,7 +22,7 @@ from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from segkd import _checks
 from segkd.ops import _selfcheck, _torch_backend
@@ -151,18 +151,20 @@ class ChannelKLFunction(torch.autograd.Function):
         else:
             kl, sqdist, stats_s, stats_t = _launcher(backend).forward(student, teacher, tau, need_sqdist)
             ctx.save_for_backward(student, teacher, stats_s, stats_t)
-        remember_gradient_inputs(ctx, student, tau, backend, kept_direction=keep_direction)
+        remember_gradient_inputs(ctx, student, teacher, tau, backend, kept_direction=keep_direction)
         if sqdist is None:
             sqdist = kl.new_empty(0)
         ctx.mark_non_differentiable(sqdist)
         return kl, sqdist
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_kl: Tensor | None, grad_sqdist: Tensor | None) -> tuple[Tensor | None, ...]:
         nothing: tuple[None, ...] = (None,) * 5
         if grad_kl is None or not ctx.needs_input_grad[0]:
             return (None, *nothing)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+            student, teacher = gradient_inputs(ctx, ctx.saved_tensors)
+            return (differentiable_gradient(student, teacher, grad_kl, ctx.tau), *nothing)
         return (saved_gradient(ctx, ctx.saved_tensors, grad_kl.contiguous()), *nothing)
 
 
@@ -175,12 +177,54 @@ def keeps_direction(student: Tensor, backend: str) -> bool:
     return backend == "torch" and student.device.type == "cpu" and student.requires_grad and torch.is_grad_enabled()
 
 
-def remember_gradient_inputs(ctx: Any, student: Tensor, tau: float, backend: str, *, kept_direction: bool) -> None:
-    """Store on ``ctx`` what :func:`saved_gradient` needs besides the saved tensors."""
+def remember_gradient_inputs(
+    ctx: Any, student: Tensor, teacher: Tensor, tau: float, backend: str, *, kept_direction: bool
+) -> None:
+    """Store on ``ctx`` what :func:`saved_gradient` and :func:`gradient_inputs` need besides the saved tensors.
+
+    When the forward kept ``p_S - p_T``, the inputs are not saved tensors (the first-order backward does not
+    read them, and saved-tensor hooks see only the difference); ``ctx`` holds plain references to them and
+    their version counters, for a ``create_graph=True`` backward.
+    """
     ctx.tau = tau
     ctx.backend = backend
     ctx.student_dtype = student.dtype
     ctx.kept_direction = kept_direction
+    if kept_direction:
+        ctx.inputs = (student, teacher)
+        ctx.input_versions = (student._version, teacher._version)
+
+
+def gradient_inputs(ctx: Any, saved: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """The ``(student, teacher)`` rows of the forward, for a ``create_graph=True`` backward.
+
+    Raises:
+        RuntimeError: the forward kept ``p_S - p_T`` and an input was modified in place since.
+    """
+    if not ctx.kept_direction:
+        return saved[0], saved[1]
+    student, teacher = ctx.inputs
+    if (student._version, teacher._version) != ctx.input_versions:
+        raise RuntimeError(
+            "A create_graph=True backward through channel_kl needs the `student` and `teacher` of the forward, "
+            "but one of them was modified by an in-place operation since; clone it before modifying it."
+        )
+    return student, teacher
+
+
+def differentiable_gradient(student: Tensor, teacher: Tensor, grad_kl: Tensor, tau: float) -> Tensor:
+    r"""``grad_kl / tau * (p_S - p_T)`` with PyTorch operations autograd differentiates again (double backward).
+
+    What a ``create_graph=True`` backward returns on every backend: the same value as the fused backward
+    (in the compute dtype, rounded once into the student's dtype), but with a graph to ``student`` and
+    ``grad_kl``, so ``d/ds (v . grad) = grad_kl / tau^2 (diag(p_S) - p_S p_S^T) v`` comes out right.
+    """
+    dtype = _torch_backend.compute_dtype(student.dtype)
+    inv_tau = 1.0 / tau
+    p_s = torch.softmax(student.to(dtype) * inv_tau, dim=1)
+    p_t = torch.softmax(teacher.to(dtype) * inv_tau, dim=1)
+    scale = grad_kl.reshape(-1, 1).to(dtype) * inv_tau
+    return (scale * (p_s - p_t)).to(student.dtype)
 
 
 def saved_gradient(ctx: Any, saved: tuple[Tensor, ...], grad_kl: Tensor) -> Tensor:
@@ -316,11 +360,13 @@ def channel_kl(
     (fp64 for fp64 inputs) and returned in that dtype; the gradient has the student's dtype.
     Only the inputs and two to four numbers per channel are kept for the backward pass (on CPU the
     torch backend keeps ``p_S - p_T`` instead, and skips recomputing the softmaxes).
+    A ``create_graph=True`` backward (a gradient penalty, a Hessian-vector product) recomputes the
+    gradient with differentiable PyTorch operations, on every backend, so double backward is exact.
 
     Args:
         student: student logits.
         teacher: teacher logits, same shape and device (a different floating dtype is promoted).
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         return_sqdist: also return the squared L2 distance between the two softmaxes.
         backend: ``"auto"`` (Triton on CUDA when installed and its first-use self-check passes, else
             PyTorch), ``"torch"`` or ``"triton"``. ``SEGKD_DISABLE_TRITON=1`` forces ``"torch"``.
@@ -335,7 +381,7 @@ def channel_kl(
     Raises:
         TypeError: non-tensor or non-floating inputs, non-numeric ``tau``.
         ValueError: shapes differ, fewer than 3 dims, empty input, different devices,
-            ``tau <= 0``, unknown ``backend``; NaN/Inf inputs when ``SEGKD_CHECK_FINITE=1``.
+            ``tau`` outside ``[1e-12, 1e12]``, unknown ``backend``; NaN/Inf inputs when ``SEGKD_CHECK_FINITE=1``.
         RuntimeError: ``backend="triton"`` without Triton.
 
     Example:
@@ -350,7 +396,7 @@ def channel_kl(
         7.9162
     """
     student_rows, teacher_rows = as_rows(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     name = resolve_backend(backend, student.device, student_rows.dtype)
     batch, channels = student.shape[:2]
     kl, sqdist = _apply(student_rows, teacher_rows, tau, return_sqdist, name)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from segkd import _checks
 from segkd.ops import _torch_backend, _weighting
@@ -31,6 +31,8 @@ from segkd.ops.channel_kl import (
     _channel_kl_backward_op,
     _launcher,
     as_rows,
+    differentiable_gradient,
+    gradient_inputs,
     keeps_direction,
     remember_gradient_inputs,
     resolve_backend,
@@ -54,6 +56,9 @@ def _gradient(ctx: Any, grad_loss: Tensor) -> Tensor:
     """Student gradient of ``loss`` from what the forward saved (``coef = d loss / d kl`` last) and ``grad_loss``."""
     *saved, coef = ctx.saved_tensors
     grad_rows = grad_loss.reshape(-1)
+    if torch.is_grad_enabled():  # create_graph=True: a gradient autograd can differentiate again
+        student, teacher = gradient_inputs(ctx, tuple(saved))
+        return differentiable_gradient(student, teacher, coef * grad_rows.to(coef.dtype), ctx.tau)
     if not ctx.kept_direction and getattr(_launcher(ctx.backend), "FUSED_COEFFICIENTS", False):
         # One kernel: grad_loss (a scalar, or one value per row) and coef are folded in per row.
         student, teacher, stats_s, stats_t = saved
@@ -96,11 +101,10 @@ class WeightedChannelKLFunction(torch.autograd.Function):
             arguments = (student, teacher, weights, tau, channels, mode, mu, beta, reduction, backend)
             loss, coef, stats_s, stats_t = _forward_impl(*arguments)
             ctx.save_for_backward(student, teacher, stats_s, stats_t, coef)
-        remember_gradient_inputs(ctx, student, tau, backend, kept_direction=keep_direction)
+        remember_gradient_inputs(ctx, student, teacher, tau, backend, kept_direction=keep_direction)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None) -> tuple[Tensor | None, ...]:
         nothing: tuple[None, ...] = (None,) * 10
         if grad_loss is None or not ctx.needs_input_grad[0]:
@@ -223,6 +227,8 @@ def weighted_channel_kl(
     a tensor gives the weights directly. Weights are never differentiated, and the teacher is
     detached: the gradient reaches the student only,
     :math:`\partial L / \partial s = \frac{\partial L}{\partial \ell}\, \tau\, w\, (p_S - p_T)`.
+    A ``create_graph=True`` backward gives a gradient autograd differentiates again (double backward),
+    with the weights held fixed.
 
     On CUDA with Triton this is two kernels forward (rows, then weights and reduction in one
     program, deterministic) and one backward; elsewhere the same steps run in PyTorch.
@@ -230,7 +236,7 @@ def weighted_channel_kl(
     Args:
         student: student logits.
         teacher: teacher logits, same shape and device (a different floating dtype is promoted).
-        tau: softmax temperature, > 0.
+        tau: softmax temperature, in ``[1e-12, 1e12]``.
         weights: ``"uniform"``, ``"hwd"``, or an ``(N, C)`` floating tensor on the inputs' device.
         mu: HWD's shift of the standardised divergences (``weights="hwd"`` only).
         beta: HWD's curve base, > 0 (``weights="hwd"`` only).
@@ -247,7 +253,7 @@ def weighted_channel_kl(
 
     Raises:
         TypeError: non-tensor or non-floating inputs or weights, non-numeric hyper-parameters.
-        ValueError: shapes or devices differ, fewer than 3 dims, empty input, ``tau <= 0``,
+        ValueError: shapes or devices differ, fewer than 3 dims, empty input, ``tau`` outside ``[1e-12, 1e12]``,
             ``beta <= 0``, non-finite ``mu``, unknown ``weights`` name, ``reduction`` or ``backend``,
             weights of the wrong shape or device.
         RuntimeError: ``backend="triton"`` without Triton.
@@ -267,7 +273,7 @@ def weighted_channel_kl(
         >>> loss.backward()
     """
     student_rows, teacher_rows = as_rows(student, teacher)
-    tau = _checks.check_positive(tau, "tau")
+    tau = _checks.check_temperature(tau)
     mu = _checks.check_finite_number(mu, "mu")
     beta = _checks.check_positive(beta, "beta")
     reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
