@@ -287,7 +287,7 @@ def cirkd_memory_kl(
     _checks.check_same_shape(student_embed, teacher_embed, "student_embed", "teacher_embed")
     _checks.check_same_device(student_embed, teacher_embed, "student_embed", "teacher_embed")
     _checks.check_nonempty(student_embed, "student_embed")
-    _checks.check_labels(labels, batch_size=student_embed.shape[0])
+    labels = _checks.check_labels(labels, batch_size=student_embed.shape[0])
     _checks.check_same_device(student_embed, labels, "student_embed", "labels")
     dim = student_embed.shape[1]
     _check_entries(pixel_entries, "pixel_entries", dim)
@@ -526,7 +526,7 @@ class CIRKDMemoryLoss(nn.Module):
         _check_features(student, teacher)
         _checks.check_channels(student, "student", self.student_channels, "student_channels")
         _checks.check_channels(teacher, "teacher", self.teacher_channels, "teacher_channels")
-        _checks.check_labels(labels, batch_size=student.shape[0])
+        labels = _checks.check_labels(labels, batch_size=student.shape[0])
         _checks.check_same_device(student, labels, "student", "labels")
         small_labels = resize_labels_nearest(labels, (student.shape[2], student.shape[3]))
         if self.training:

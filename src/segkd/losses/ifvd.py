@@ -188,7 +188,7 @@ def ifvd_loss(
     num_classes = _checks.check_positive_int(num_classes, "num_classes")
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
     _checks.check_student_teacher_features(student, teacher, layout="(N, C, h, w)")
-    _checks.check_labels(labels, batch_size=student.shape[0])
+    labels = _checks.check_labels(labels, batch_size=student.shape[0])
     _checks.check_nonempty(labels, "labels")
     _checks.check_same_device(student, labels, "student", "labels")
 

@@ -90,7 +90,7 @@ def pixel_kd_loss(
     kept: Tensor | None = None
     if labels is not None:
         _checks.check_int(ignore_index, "ignore_index")
-        _checks.check_labels(labels, batch_size=n)
+        labels = _checks.check_labels(labels, batch_size=n)
         _checks.check_labels_shape(labels, (n, h, w))
         _checks.check_same_device(student, labels, "student", "labels")
         kept = labels != ignore_index
