@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from segkd import _checks
-from segkd.losses._dtypes import compute_dtype
+from segkd.losses._dtypes import compute_dtype, to_layer_dtype
 
 __all__ = [
     "PREPROCESS_MODES",
@@ -74,6 +74,8 @@ class SKDDiscriminator(nn.Module):
     :class:`SKDLoss` for the training step. Unlike the original code, ``forward`` returns the scores
     only (not the attention maps), and ``torch.nn.utils.parametrizations.spectral_norm`` updates its
     power iteration in training mode only.
+    Outside autocast, logits of another floating dtype are cast to the discriminator's dtype. It
+    pickles (``torch.save(module)``) through its settings and ``state_dict()``.
 
     Args:
         num_classes: number of classes ``C`` (the logits' channels), >= 1.
@@ -142,7 +144,7 @@ class SKDDiscriminator(nn.Module):
         _checks.check_min_spatial_size(
             logits, "logits", self.MIN_SIZE, "four stride-2 convolutions then a 4 x 4 one in SKDDiscriminator"
         )
-        x = self.preprocess(logits)
+        x = self.preprocess(to_layer_dtype(logits, self))
         x = self.attn1(self.layer3(self.layer2(self.layer1(x))))
         x = self.attn2(self.layer4(x))
         return self.last(x)

@@ -27,7 +27,7 @@ from segkd.losses._cirkd_memory import (
     resize_labels_nearest,
     sample_queue,
 )
-from segkd.losses._dtypes import compute_dtype
+from segkd.losses._dtypes import compute_dtype, to_layer_dtype
 from segkd.losses._reduction import reduce_terms
 from segkd.losses._vectors import unit_vectors
 from segkd.losses.kd import pixel_kd_loss
@@ -347,6 +347,8 @@ class CIRKDMemoryLoss(nn.Module):
     optimizer together with the student's. Under DDP, convert the BatchNorm with
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` to match the original, and wrap the module in DDP
     (or include it in the student's DDP module) so its gradients are averaged.
+    Outside autocast a student of another floating dtype is cast to the head's dtype (its gradient
+    comes back in the student's dtype).
 
     **Buffers** (in ``state_dict``): ``pixel_queue`` ``(K, P, D)``, ``pixel_queue_ptr`` ``(K,)``,
     ``region_queue`` ``(K, R, D)``, ``region_queue_ptr`` ``(K,)``. Queues start as random unit
@@ -533,7 +535,7 @@ class CIRKDMemoryLoss(nn.Module):
             self.enqueue(teacher, small_labels)
         pixels, regions = self.sample_entries()
         return cirkd_memory_kl(
-            self.project_head(student),
+            self.project_head(to_layer_dtype(student, self.project_head)),
             teacher,
             small_labels,
             pixels,

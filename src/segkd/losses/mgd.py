@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from segkd import _checks
+from segkd.losses._dtypes import to_layer_dtype
 
 __all__ = ["MGDLoss", "mgd_loss", "mgd_mask"]
 
@@ -176,6 +177,10 @@ class MGDLoss(nn.Module):
     towards whatever a random generator makes of it. They are training-time only: the deployed
     student does not use them.
 
+    **Dtypes**: the layers compute in their own dtype (``criterion.to(dtype)``); outside autocast a
+    student of another floating dtype (an fp16 student, fp32 layers) is cast to it, and its gradient
+    comes back in the student's dtype. Under autocast, autocast chooses.
+
     Reference: Z. Yang et al., "Masked Generative Distillation", ECCV 2022.
 
     Args:
@@ -246,7 +251,7 @@ class MGDLoss(nn.Module):
         _checks.check_channels(student, "student", self.student_channels, "student_channels")
         _checks.check_channels(teacher, "teacher", self.teacher_channels, "teacher_channels")
         return mgd_loss(
-            student,
+            to_layer_dtype(student, self),
             teacher,
             self.align,
             self.generation,
