@@ -39,6 +39,10 @@ def cwd_loss(
 
     The teacher is detached inside: it never receives a gradient.
 
+    **Masked logits** (``-inf``): 0 log 0 = 0, a position whose teacher probability is 0 contributes
+    nothing. A student ``-inf`` where the teacher's probability is positive gives ``+inf`` (the true
+    KL; the gradient stays finite); a channel whose teacher logits are all ``-inf`` gives NaN.
+
     Args:
         student: student logits (or features).
         teacher: teacher logits, same shape and device.

@@ -188,6 +188,12 @@ def hwd_loss(
     If all channel divergences of an image are equal (student equals teacher, ``C == 1``) the
     weights are exactly uniform and the loss equals :func:`segkd.functional.cwd_loss`.
 
+    **Masked logits** (``-inf``): 0 log 0 = 0, a position whose teacher probability is 0 contributes
+    nothing. A student ``-inf`` where the teacher's probability is positive gives ``+inf`` (the true
+    KL; the gradient stays finite); a channel whose teacher logits are all ``-inf`` gives NaN. With
+    ``distance="logits"`` a masked channel's distance is ``+inf``, and that image's weights fall back
+    to uniform (CWD).
+
     The teacher is detached inside: it never receives a gradient.
 
     Args:

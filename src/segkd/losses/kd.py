@@ -36,6 +36,11 @@ def pixel_kd_loss(
     those whose label is not ``ignore_index``. **All pixels ignored**: the loss is 0 (finite, zero
     gradient), not NaN.
 
+    **Masked logits** (``-inf``): 0 log 0 = 0, a class whose teacher probability is 0 contributes
+    nothing, whatever the student has there. A student ``-inf`` where the teacher's probability is
+    positive gives ``+inf`` (the true KL; the gradient stays finite). A pixel whose teacher logits
+    are all ``-inf`` has no distribution: NaN, unless ``labels`` ignore it.
+
     Reference: Y. Liu, C. Shu, J. Wang, C. Shen, "Structured Knowledge Distillation for Dense
     Prediction", TPAMI 2020. This is the CIRKD form (``F.kl_div(..., reduction="batchmean")`` over
     the ``N * H * W`` pixels, times :math:`\tau^2`); the original SKD code uses the cross-entropy
@@ -97,9 +102,14 @@ def pixel_kd_loss(
     dtype = compute_dtype(student)
     log_p_s = torch.log_softmax(student.to(dtype) / tau, dim=1)
     log_p_t = torch.log_softmax(teacher.detach().to(dtype) / tau, dim=1)
-    # log_softmax of finite logits is finite, so an underflowed p_T gives 0 * finite = 0, never NaN.
+    p_t = log_p_t.exp()
+    if kept is not None:  # an ignored pixel contributes nothing, in value and gradient, whatever its logits
+        p_t = torch.where(kept[:, None], p_t, 0.0)
+    # 0 log 0 = 0: where p_T = 0 (a teacher logit of -inf, or an underflow) the term is 0 whatever log p_S is;
+    # `p_t == 0` (not `> 0`) keeps a NaN teacher NaN.
+    terms = torch.where(p_t == 0, 0.0, p_t * (log_p_t - log_p_s))
     # KL >= 0, but for near-equal pixels rounding can leave ~-1e-7: clamp it, as channel_kl does.
-    terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).clamp_min(0) * (tau * tau)  # (N, H, W)
+    terms = terms.sum(dim=1).clamp_min(0) * (tau * tau)  # (N, H, W)
     if kept is None:
         return reduce_terms(terms, reduction)
     terms = torch.where(kept, terms, torch.zeros_like(terms))
