@@ -12,7 +12,7 @@ Three pieces, faithful to the authors' code (github.com/winycg/CIRKD):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from segkd.losses._dtypes import compute_dtype, to_layer_dtype
 from segkd.losses._reduction import reduce_terms
 from segkd.losses._vectors import unit_vectors
 from segkd.losses.kd import pixel_kd_loss
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = [
     "CIRKDLoss",
@@ -195,6 +198,17 @@ class CIRKDMiniBatchLoss(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         return cirkd_minibatch_loss(student, teacher, self.tau, self.pool, self.reduction)
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import cirkd_minibatch_loss_reference
+
+        tau, pool, reduction = self.tau, self.pool, self.reduction
+        return LossDeclaration(
+            zero_at_equal=True,
+            reference=lambda s, t: cirkd_minibatch_loss_reference(s, t, tau, pool, reduction),
+        )
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}"
@@ -543,6 +557,17 @@ class CIRKDMemoryLoss(nn.Module):
             self.contrast_tau,
             self.kd_tau,
             self.ignore_index,
+        )
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The inputs :func:`segkd.testing.check_distillation_loss` needs: labels, and the teacher's width."""
+        from segkd.testing.checks import LossDeclaration
+
+        return LossDeclaration(
+            with_labels=True,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            teacher_channels=self.teacher_channels,
         )
 
     def extra_repr(self) -> str:

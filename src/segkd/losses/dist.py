@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from segkd import _checks
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["DISTLoss", "dist_loss", "pearson_correlation"]
 
@@ -170,6 +175,16 @@ class DISTLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         """Return the DIST loss of ``student`` logits towards ``teacher`` logits."""
         return dist_loss(student, teacher, self.beta, self.gamma, self.tau)
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import dist_loss_reference
+
+        beta, gamma, tau = self.beta, self.gamma, self.tau
+        return LossDeclaration(
+            pixel_shift_invariant=True, reference=lambda s, t: dist_loss_reference(s, t, beta, gamma, tau)
+        )
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}"

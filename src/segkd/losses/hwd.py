@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,9 @@ from segkd import _checks
 from segkd.ops import _weighting
 from segkd.ops.channel_kl import BACKENDS, Backend, channel_kl
 from segkd.ops.weighted_kl import weighted_channel_kl
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["DISTANCES", "HWDLoss", "hwd_curve", "hwd_loss", "hwd_weights", "hwd_weights_from_divergence"]
 
@@ -290,6 +293,23 @@ class HWDLoss(nn.Module):
         """Return the HWD loss of ``student`` towards ``teacher``."""
         return hwd_loss(
             student, teacher, self.tau, self.mu, self.beta, self.distance, self.reduction, backend=self.backend
+        )
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference.
+
+        The weights are detached on purpose, so the gradient is checked against the float64 reference
+        (which detaches them too) instead of by ``gradcheck``.
+        """
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import hwd_loss_reference
+
+        tau, mu, beta, distance, reduction = self.tau, self.mu, self.beta, self.distance, self.reduction
+        return LossDeclaration(
+            zero_at_equal=True,
+            channel_shift_invariant=distance == "prob",  # the logits distance changes with a shift
+            reference=lambda s, t: hwd_loss_reference(s, t, tau, mu, beta, distance, reduction),
+            exact_gradient=False,
         )
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from segkd import _checks
 from segkd.losses._dtypes import compute_dtype
 from segkd.losses._reduction import reduce_terms
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["KDLoss", "pixel_kd_loss"]
 
@@ -151,6 +154,18 @@ class KDLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
         """Return the pixel-wise KD loss of ``student`` logits towards ``teacher`` logits."""
         return pixel_kd_loss(student, teacher, self.tau, labels, self.ignore_index, self.reduction)
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import pixel_kd_loss_reference
+
+        tau, ignore_index, reduction = self.tau, self.ignore_index, self.reduction
+
+        def reference(student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
+            return pixel_kd_loss_reference(student, teacher, tau, labels, ignore_index, reduction)
+
+        return LossDeclaration(zero_at_equal=True, pixel_shift_invariant=True, reference=reference)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from segkd import _checks
 from segkd.losses._dtypes import to_layer_dtype
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["MGDLoss", "mgd_loss", "mgd_mask"]
 
@@ -260,6 +263,12 @@ class MGDLoss(nn.Module):
             self.reduction,
             generator=self.generator,
         )
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The inputs :func:`segkd.testing.check_distillation_loss` needs: a teacher of ``teacher_channels``."""
+        from segkd.testing.checks import LossDeclaration
+
+        return LossDeclaration(teacher_channels=self.teacher_channels)
 
     def extra_repr(self) -> str:
         return (
