@@ -70,13 +70,6 @@ def test_every_shipped_loss_passes_with_no_extra_argument(name: str) -> None:
     assert BASIC | expected <= set(report.passed)
 
 
-def test_hwd_with_gradcheck_forced_still_fails() -> None:
-    # The declaration is what makes HWD pass: asking for gradcheck explicitly shows why it is needed.
-    with pytest.raises(LossCheckError, match="exact_gradient=False") as info:
-        check_distillation_loss(segkd.HWDLoss(mu=1.0), SHAPE, exact_gradient=True, reference=None)
-    assert info.value.property_name == "gradcheck"
-
-
 def test_declared_settings_follow_the_module() -> None:
     declared = declared_checks(segkd.IFVDLoss(7, ignore_index=3))
     assert (declared.with_labels, declared.num_classes, declared.ignore_index) == (True, 7, 3)
