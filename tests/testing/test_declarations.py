@@ -70,6 +70,17 @@ def test_every_shipped_loss_passes_with_no_extra_argument(name: str) -> None:
     assert BASIC | expected <= set(report.passed)
 
 
+def test_the_functional_hwd_passes_with_its_default_settings() -> None:
+    report = check_distillation_loss(segkd.functional.hwd_loss, SHAPE)
+    assert {"zero_at_equal", "channel_shift_invariant", "reference", "reference_gradient"} <= set(report.passed)
+
+
+@pytest.mark.parametrize("name", ["cwd_loss", "hwd_loss", "pixel_kd_loss", "dist_loss"])
+def test_functional_forms_declare_what_their_default_module_does(name: str) -> None:
+    declared = declared_checks(getattr(segkd.functional, name))
+    assert declared.reference is not None
+
+
 def test_declared_settings_follow_the_module() -> None:
     declared = declared_checks(segkd.IFVDLoss(7, ignore_index=3))
     assert (declared.with_labels, declared.num_classes, declared.ignore_index) == (True, 7, 3)
