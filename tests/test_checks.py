@@ -121,7 +121,7 @@ def test_tau_must_be_positive_and_finite(call: Callable[..., object], tau: float
 
 
 @_calls_taking("tau")
-@pytest.mark.parametrize("tau", ["4", None, torch.tensor(4.0), True])
+@pytest.mark.parametrize("tau", ["4", None, torch.tensor([4.0]), torch.tensor(4.0 + 0j), True, torch.tensor(True)])
 def test_tau_must_be_a_number(call: Callable[..., object], tau: object) -> None:
     with pytest.raises(TypeError, match=r"Expected `tau` to be a real number, got"):
         call(_logits(1, 2, 3), _logits(1, 2, 3), tau=tau)

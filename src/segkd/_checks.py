@@ -9,6 +9,7 @@ device synchronisation unless the user opts in with ``SEGKD_CHECK_FINITE=1``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from torch import Tensor
 
 __all__ = [
     "REDUCTIONS",
+    "as_int",
+    "as_real_number",
     "check_channels",
     "check_choice",
     "check_dim_size",
@@ -172,26 +175,71 @@ def check_student_teacher_features(
     return student, teacher
 
 
-def _is_real_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _scalar_kind(value: Any) -> str | None:
+    """``"int"``, ``"float"`` or ``None``: the kind of real scalar ``value`` is.
+
+    Real scalars are Python ``int``/``float``, NumPy scalars and 0-d arrays of an integer or
+    floating dtype, and 0-d tensors of an integer or floating dtype. ``bool`` (Python, NumPy or
+    tensor) and complex values are not.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return "float" if value.is_floating_point() else "int"
+    # NumPy 0-d arrays (and scalars, already numbers.Real above), without importing NumPy.
+    kind = getattr(getattr(value, "dtype", None), "kind", None)
+    if getattr(value, "ndim", None) == 0 and kind in {"i", "u", "f"}:
+        return "float" if kind == "f" else "int"
+    return None
+
+
+def as_real_number(value: Any, name: str) -> float:
+    """Return a real scalar (see :func:`_scalar_kind`) as a Python float, raising ``TypeError`` otherwise.
+
+    Too large an integer for a float becomes ``inf`` (and the caller's finiteness check refuses it).
+    """
+    if _scalar_kind(value) is None:
+        raise TypeError(f"Expected `{name}` to be a real number, got {_describe(value)}.")
+    number = value.item() if isinstance(value, Tensor) else value
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf if number > 0 else -math.inf
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {shape_str(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
 
 
 def check_positive(value: Any, name: str) -> float:
-    """Return ``value`` as a float, raising unless it is a finite number > 0."""
-    if not _is_real_number(value):
-        raise TypeError(f"Expected `{name}` to be a real number, got {type(value).__name__}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Expected `{name}` to be a finite number > 0, got {value}.")
-    return float(value)
+    """Return ``value`` as a float, raising unless it is a finite real number > 0."""
+    number = as_real_number(value, name)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"Expected `{name}` to be a finite number > 0, got {number}.")
+    return number
 
 
 def check_finite_number(value: Any, name: str) -> float:
     """Return ``value`` as a float, raising unless it is a finite real number."""
-    if not _is_real_number(value):
-        raise TypeError(f"Expected `{name}` to be a real number, got {type(value).__name__}.")
-    if not math.isfinite(value):
-        raise ValueError(f"Expected `{name}` to be finite, got {value}.")
-    return float(value)
+    number = as_real_number(value, name)
+    if not math.isfinite(number):
+        raise ValueError(f"Expected `{name}` to be finite, got {number}.")
+    return number
+
+
+def as_int(value: Any, name: str) -> int:
+    """Return an integer scalar (Python, NumPy or 0-d integer tensor) as a Python ``int``; ``bool`` is refused."""
+    if _scalar_kind(value) != "int":
+        raise TypeError(f"Expected `{name}` to be an int, got {_describe(value)}.")
+    return int(value.item() if isinstance(value, Tensor) else value)
 
 
 def check_non_negative(value: Any, name: str) -> float:
@@ -222,9 +270,8 @@ def check_probability(value: Any, name: str) -> float:
 
 
 def check_positive_int(value: Any, name: str) -> int:
-    """Return ``value`` unchanged, raising unless it is an ``int`` >= 1."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
+    """Return ``value`` as an ``int``, raising unless it is an integer scalar >= 1 (see :func:`as_int`)."""
+    value = as_int(value, name)
     if value < 1:
         raise ValueError(f"Expected `{name}` to be >= 1, got {value}.")
     return value
@@ -263,7 +310,12 @@ def check_reduction(reduction: Any) -> str:
 
 
 def check_labels(labels: Any, name: str = "labels", batch_size: int | None = None) -> Tensor:
-    """Validate an integer label map of shape ``(N, H, W)``."""
+    """Validate an integer label map of shape ``(N, H, W)`` and return it as ``int64``.
+
+    Any integer dtype is accepted (``uint8`` is what a PNG label map decodes to, ``int16``,
+    ``int32``, ``int64``); the returned map is ``int64`` (the same tensor when it already is), the
+    dtype torch's indexing operations need, so callers must use the returned tensor.
+    """
     if not isinstance(labels, Tensor):
         raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(labels).__name__}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -274,7 +326,11 @@ def check_labels(labels: Any, name: str = "labels", batch_size: int | None = Non
             f"Expected `{name}` to have batch size {batch_size} to match the inputs, "
             f"got shape {shape_str(labels.shape)}."
         )
-    return labels
+    try:
+        return labels.long()
+    except (RuntimeError, TypeError) as exc:  # an integer dtype torch cannot convert on this device
+        message = f"Expected `{name}` to have an integer dtype convertible to int64, got {labels.dtype}."
+        raise TypeError(message) from exc
 
 
 def check_labels_shape(labels: Tensor, expected: Sequence[int], name: str = "labels", against: str = "logits") -> None:
@@ -287,10 +343,8 @@ def check_labels_shape(labels: Tensor, expected: Sequence[int], name: str = "lab
 
 
 def check_int(value: Any, name: str) -> int:
-    """Return ``value`` unchanged, raising ``TypeError`` unless it is an ``int`` (any sign; ``bool`` is refused)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
-    return value
+    """Return ``value`` as an ``int`` of any sign; ``TypeError`` unless an integer scalar (:func:`as_int`)."""
+    return as_int(value, name)
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from typing import Any, Literal, SupportsIndex
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from segkd import _checks
-from segkd.losses._dtypes import compute_dtype
+from segkd.losses._dtypes import compute_dtype, to_layer_dtype
 
 __all__ = [
     "PREPROCESS_MODES",
@@ -73,6 +74,8 @@ class SKDDiscriminator(nn.Module):
     :class:`SKDLoss` for the training step. Unlike the original code, ``forward`` returns the scores
     only (not the attention maps), and ``torch.nn.utils.parametrizations.spectral_norm`` updates its
     power iteration in training mode only.
+    Outside autocast, logits of another floating dtype are cast to the discriminator's dtype. It
+    pickles (``torch.save(module)``) through its settings and ``state_dict()``.
 
     Args:
         num_classes: number of classes ``C`` (the logits' channels), >= 1.
@@ -141,7 +144,7 @@ class SKDDiscriminator(nn.Module):
         _checks.check_min_spatial_size(
             logits, "logits", self.MIN_SIZE, "four stride-2 convolutions then a 4 x 4 one in SKDDiscriminator"
         )
-        x = self.preprocess(logits)
+        x = self.preprocess(to_layer_dtype(logits, self))
         x = self.attn1(self.layer3(self.layer2(self.layer1(x))))
         x = self.attn2(self.layer4(x))
         return self.last(x)
@@ -151,6 +154,42 @@ class SKDDiscriminator(nn.Module):
             f"num_classes={self.num_classes}, conv_dim={self.conv_dim}, "
             f"preprocess={self.preprocess_mode!r}, spectral_norm={self.spectral_norm}"
         )
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        """Pickle (and ``torch.save``) through the constructor and the state: parametrised layers cannot be pickled.
+
+        What is saved: the constructor's settings, every parameter and buffer (``state_dict()``: values,
+        dtype, device), ``requires_grad`` and the train/eval mode of every submodule. Hooks and
+        attributes added after construction are not. ``copy.deepcopy`` keeps copying every attribute.
+        """
+        settings = (self.num_classes, self.conv_dim, self.preprocess_mode, self.spectral_norm)
+        modes = [module.training for module in self.modules()]
+        frozen = [p.requires_grad for p in self.parameters()]
+        return _rebuild_discriminator, (type(self), settings, dict(self.state_dict()), modes, frozen)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SKDDiscriminator:
+        # The plain attribute-by-attribute copy that __reduce_ex__ above would otherwise replace.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def _rebuild_discriminator(
+    cls: type[SKDDiscriminator],
+    settings: tuple[Any, ...],
+    state: dict[str, Tensor],
+    modes: list[bool],
+    requires_grad: list[bool],
+) -> SKDDiscriminator:
+    """Inverse of :meth:`SKDDiscriminator.__reduce_ex__`."""
+    module = cls(*settings)
+    module.load_state_dict(state, assign=True)  # the saved tensors themselves: their dtype and device
+    for submodule, training in zip(module.modules(), modes, strict=True):
+        submodule.training = training
+    for parameter, flag in zip(module.parameters(), requires_grad, strict=True):
+        parameter.requires_grad_(flag)
+    return module
 
 
 def _check_scores(value: Tensor, name: str) -> None:

@@ -12,7 +12,7 @@ Three pieces, faithful to the authors' code (github.com/winycg/CIRKD):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +27,13 @@ from segkd.losses._cirkd_memory import (
     resize_labels_nearest,
     sample_queue,
 )
-from segkd.losses._dtypes import compute_dtype
+from segkd.losses._dtypes import compute_dtype, to_layer_dtype
 from segkd.losses._reduction import reduce_terms
 from segkd.losses._vectors import unit_vectors
 from segkd.losses.kd import pixel_kd_loss
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = [
     "CIRKDLoss",
@@ -196,6 +199,17 @@ class CIRKDMiniBatchLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         return cirkd_minibatch_loss(student, teacher, self.tau, self.pool, self.reduction)
 
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import cirkd_minibatch_loss_reference
+
+        tau, pool, reduction = self.tau, self.pool, self.reduction
+        return LossDeclaration(
+            zero_at_equal=True,
+            reference=lambda s, t: cirkd_minibatch_loss_reference(s, t, tau, pool, reduction),
+        )
+
     def extra_repr(self) -> str:
         return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}"
 
@@ -287,7 +301,7 @@ def cirkd_memory_kl(
     _checks.check_same_shape(student_embed, teacher_embed, "student_embed", "teacher_embed")
     _checks.check_same_device(student_embed, teacher_embed, "student_embed", "teacher_embed")
     _checks.check_nonempty(student_embed, "student_embed")
-    _checks.check_labels(labels, batch_size=student_embed.shape[0])
+    labels = _checks.check_labels(labels, batch_size=student_embed.shape[0])
     _checks.check_same_device(student_embed, labels, "student_embed", "labels")
     dim = student_embed.shape[1]
     _check_entries(pixel_entries, "pixel_entries", dim)
@@ -347,6 +361,8 @@ class CIRKDMemoryLoss(nn.Module):
     optimizer together with the student's. Under DDP, convert the BatchNorm with
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` to match the original, and wrap the module in DDP
     (or include it in the student's DDP module) so its gradients are averaged.
+    Outside autocast a student of another floating dtype is cast to the head's dtype (its gradient
+    comes back in the student's dtype).
 
     **Buffers** (in ``state_dict``): ``pixel_queue`` ``(K, P, D)``, ``pixel_queue_ptr`` ``(K,)``,
     ``region_queue`` ``(K, R, D)``, ``region_queue_ptr`` ``(K,)``. Queues start as random unit
@@ -526,14 +542,14 @@ class CIRKDMemoryLoss(nn.Module):
         _check_features(student, teacher)
         _checks.check_channels(student, "student", self.student_channels, "student_channels")
         _checks.check_channels(teacher, "teacher", self.teacher_channels, "teacher_channels")
-        _checks.check_labels(labels, batch_size=student.shape[0])
+        labels = _checks.check_labels(labels, batch_size=student.shape[0])
         _checks.check_same_device(student, labels, "student", "labels")
         small_labels = resize_labels_nearest(labels, (student.shape[2], student.shape[3]))
         if self.training:
             self.enqueue(teacher, small_labels)
         pixels, regions = self.sample_entries()
         return cirkd_memory_kl(
-            self.project_head(student),
+            self.project_head(to_layer_dtype(student, self.project_head)),
             teacher,
             small_labels,
             pixels,
@@ -541,6 +557,17 @@ class CIRKDMemoryLoss(nn.Module):
             self.contrast_tau,
             self.kd_tau,
             self.ignore_index,
+        )
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The inputs :func:`segkd.testing.check_distillation_loss` needs: labels, and the teacher's width."""
+        from segkd.testing.checks import LossDeclaration
+
+        return LossDeclaration(
+            with_labels=True,
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            teacher_channels=self.teacher_channels,
         )
 
     def extra_repr(self) -> str:

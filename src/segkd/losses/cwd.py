@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import Tensor, nn
 
 from segkd import _checks
 from segkd.ops.channel_kl import BACKENDS, Backend
 from segkd.ops.weighted_kl import weighted_channel_kl
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["CWDLoss", "cwd_loss"]
 
@@ -38,6 +41,10 @@ def cwd_loss(
     Dense Prediction", ICCV 2021.
 
     The teacher is detached inside: it never receives a gradient.
+
+    **Masked logits** (``-inf``): 0 log 0 = 0, a position whose teacher probability is 0 contributes
+    nothing. A student ``-inf`` where the teacher's probability is positive gives ``+inf`` (the true
+    KL; the gradient stays finite); a channel whose teacher logits are all ``-inf`` gives NaN.
 
     Args:
         student: student logits (or features).
@@ -109,5 +116,21 @@ class CWDLoss(nn.Module):
         """Return the CWD loss of ``student`` towards ``teacher``."""
         return cwd_loss(student, teacher, self.tau, self.reduction, backend=self.backend)
 
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import cwd_loss_reference
+
+        tau, reduction = self.tau, self.reduction
+        return LossDeclaration(
+            zero_at_equal=True,
+            channel_shift_invariant=True,
+            reference=lambda s, t: cwd_loss_reference(s, t, tau, reduction),
+        )
+
     def extra_repr(self) -> str:
         return f"tau={self.tau}, reduction={self.reduction!r}"
+
+
+# With its default settings the function declares what the module with its defaults declares (segkd.testing).
+cwd_loss.distillation_checks = lambda: CWDLoss().distillation_checks()  # type: ignore[attr-defined]

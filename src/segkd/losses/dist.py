@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from segkd import _checks
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["DISTLoss", "dist_loss", "pearson_correlation"]
 
@@ -195,5 +200,21 @@ class DISTLoss(nn.Module):
         """Return the DIST loss of ``student`` logits towards ``teacher`` logits."""
         return dist_loss(student, teacher, self.beta, self.gamma, self.tau, self.softmax)
 
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import dist_loss_reference
+
+        beta, gamma, tau, softmax = self.beta, self.gamma, self.tau, self.softmax
+        return LossDeclaration(
+            # A softmax over classes ignores a per-pixel constant; the raw logits' intra-class term does not.
+            pixel_shift_invariant=softmax,
+            reference=lambda s, t: dist_loss_reference(s, t, beta, gamma, tau, softmax),
+        )
+
     def extra_repr(self) -> str:
         return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, softmax={self.softmax}"
+
+
+# With its default settings the function declares what the module with its defaults declares (segkd.testing).
+dist_loss.distillation_checks = lambda: DISTLoss().distillation_checks()  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,9 @@ from segkd import _checks
 from segkd.ops import _weighting
 from segkd.ops.channel_kl import BACKENDS, Backend, channel_kl
 from segkd.ops.weighted_kl import weighted_channel_kl
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["DISTANCES", "HWDLoss", "hwd_curve", "hwd_loss", "hwd_weights", "hwd_weights_from_divergence"]
 
@@ -205,6 +208,12 @@ def hwd_loss(
     If all channel divergences of an image are equal (student equals teacher, ``C == 1``) the
     weights are exactly uniform and the loss equals :func:`segkd.functional.cwd_loss`.
 
+    **Masked logits** (``-inf``): 0 log 0 = 0, a position whose teacher probability is 0 contributes
+    nothing. A student ``-inf`` where the teacher's probability is positive gives ``+inf`` (the true
+    KL; the gradient stays finite); a channel whose teacher logits are all ``-inf`` gives NaN. With
+    ``distance="logits"`` a masked channel's distance is ``+inf``, and that image's weights fall back
+    to uniform (CWD).
+
     The teacher is detached inside: it never receives a gradient.
 
     Args:
@@ -303,7 +312,28 @@ class HWDLoss(nn.Module):
             student, teacher, self.tau, self.mu, self.beta, self.distance, self.reduction, backend=self.backend
         )
 
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference.
+
+        The weights are detached on purpose, so the gradient is checked against the float64 reference
+        (which detaches them too) instead of by ``gradcheck``.
+        """
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import hwd_loss_reference
+
+        tau, mu, beta, distance, reduction = self.tau, self.mu, self.beta, self.distance, self.reduction
+        return LossDeclaration(
+            zero_at_equal=True,
+            channel_shift_invariant=distance == "prob",  # the logits distance changes with a shift
+            reference=lambda s, t: hwd_loss_reference(s, t, tau, mu, beta, distance, reduction),
+            exact_gradient=False,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"tau={self.tau}, mu={self.mu}, beta={self.beta}, distance={self.distance!r}, reduction={self.reduction!r}"
         )
+
+
+# With its default settings the function declares what the module with its defaults declares (segkd.testing).
+hwd_loss.distillation_checks = lambda: HWDLoss().distillation_checks()  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from segkd import _checks
 from segkd.losses._reduction import reduce_terms
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["IFVDLoss", "class_centre_similarity", "ifvd_loss", "nearest_labels"]
 
@@ -188,7 +191,7 @@ def ifvd_loss(
     num_classes = _checks.check_positive_int(num_classes, "num_classes")
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
     _checks.check_student_teacher_features(student, teacher, layout="(N, C, h, w)")
-    _checks.check_labels(labels, batch_size=student.shape[0])
+    labels = _checks.check_labels(labels, batch_size=student.shape[0])
     _checks.check_nonempty(labels, "labels")
     _checks.check_same_device(student, labels, "student", "labels")
 
@@ -244,6 +247,24 @@ class IFVDLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
         """Return the IFVD loss of ``student`` towards ``teacher`` under ``labels``."""
         return ifvd_loss(student, teacher, labels, self.num_classes, self.ignore_index, self.reduction)
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import ifvd_loss_reference
+
+        num_classes, ignore_index, reduction = self.num_classes, self.ignore_index, self.reduction
+
+        def reference(student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+            return ifvd_loss_reference(student, teacher, labels, num_classes, ignore_index, reduction)
+
+        return LossDeclaration(
+            zero_at_equal=True,
+            reference=reference,
+            with_labels=True,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+        )
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,9 @@ from torch import Tensor, nn
 from segkd import _checks
 from segkd.losses._dtypes import compute_dtype
 from segkd.losses._reduction import reduce_terms
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["KDLoss", "pixel_kd_loss"]
 
@@ -35,6 +38,11 @@ def pixel_kd_loss(
     where :math:`K` is the set of kept pixels: all ``N * H * W`` pixels without ``labels``, else
     those whose label is not ``ignore_index``. **All pixels ignored**: the loss is 0 (finite, zero
     gradient), not NaN.
+
+    **Masked logits** (``-inf``): 0 log 0 = 0, a class whose teacher probability is 0 contributes
+    nothing, whatever the student has there. A student ``-inf`` where the teacher's probability is
+    positive gives ``+inf`` (the true KL; the gradient stays finite). A pixel whose teacher logits
+    are all ``-inf`` has no distribution: NaN, unless ``labels`` ignore it.
 
     Reference: Y. Liu, C. Shu, J. Wang, C. Shen, "Structured Knowledge Distillation for Dense
     Prediction", TPAMI 2020. This is the CIRKD form (``F.kl_div(..., reduction="batchmean")`` over
@@ -90,16 +98,21 @@ def pixel_kd_loss(
     kept: Tensor | None = None
     if labels is not None:
         _checks.check_int(ignore_index, "ignore_index")
-        _checks.check_labels(labels, batch_size=n)
+        labels = _checks.check_labels(labels, batch_size=n)
         _checks.check_labels_shape(labels, (n, h, w))
         _checks.check_same_device(student, labels, "student", "labels")
         kept = labels != ignore_index
     dtype = compute_dtype(student)
     log_p_s = torch.log_softmax(student.to(dtype) / tau, dim=1)
     log_p_t = torch.log_softmax(teacher.detach().to(dtype) / tau, dim=1)
-    # log_softmax of finite logits is finite, so an underflowed p_T gives 0 * finite = 0, never NaN.
+    p_t = log_p_t.exp()
+    if kept is not None:  # an ignored pixel contributes nothing, in value and gradient, whatever its logits
+        p_t = torch.where(kept[:, None], p_t, 0.0)
+    # 0 log 0 = 0: where p_T = 0 (a teacher logit of -inf, or an underflow) the term is 0 whatever log p_S is;
+    # `p_t == 0` (not `> 0`) keeps a NaN teacher NaN.
+    terms = torch.where(p_t == 0, 0.0, p_t * (log_p_t - log_p_s))
     # KL >= 0, but for near-equal pixels rounding can leave ~-1e-7: clamp it, as channel_kl does.
-    terms = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).clamp_min(0) * (tau * tau)  # (N, H, W)
+    terms = terms.sum(dim=1).clamp_min(0) * (tau * tau)  # (N, H, W)
     if kept is None:
         return reduce_terms(terms, reduction)
     terms = torch.where(kept, terms, torch.zeros_like(terms))
@@ -142,5 +155,21 @@ class KDLoss(nn.Module):
         """Return the pixel-wise KD loss of ``student`` logits towards ``teacher`` logits."""
         return pixel_kd_loss(student, teacher, self.tau, labels, self.ignore_index, self.reduction)
 
+    def distillation_checks(self) -> LossDeclaration:
+        """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
+        from segkd.testing.checks import LossDeclaration
+        from segkd.testing.reference import pixel_kd_loss_reference
+
+        tau, ignore_index, reduction = self.tau, self.ignore_index, self.reduction
+
+        def reference(student: Tensor, teacher: Tensor, labels: Tensor | None = None) -> Tensor:
+            return pixel_kd_loss_reference(student, teacher, tau, labels, ignore_index, reduction)
+
+        return LossDeclaration(zero_at_equal=True, pixel_shift_invariant=True, reference=reference)
+
     def extra_repr(self) -> str:
         return f"tau={self.tau}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+# With its default settings the function declares what the module with its defaults declares (segkd.testing).
+pixel_kd_loss.distillation_checks = lambda: KDLoss().distillation_checks()  # type: ignore[attr-defined]

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from segkd import _checks
+from segkd.losses._dtypes import to_layer_dtype
+
+if TYPE_CHECKING:
+    from segkd.testing.checks import LossDeclaration
 
 __all__ = ["MGDLoss", "mgd_loss", "mgd_mask"]
 
@@ -176,6 +180,10 @@ class MGDLoss(nn.Module):
     towards whatever a random generator makes of it. They are training-time only: the deployed
     student does not use them.
 
+    **Dtypes**: the layers compute in their own dtype (``criterion.to(dtype)``); outside autocast a
+    student of another floating dtype (an fp16 student, fp32 layers) is cast to it, and its gradient
+    comes back in the student's dtype. Under autocast, autocast chooses.
+
     Reference: Z. Yang et al., "Masked Generative Distillation", ECCV 2022.
 
     Args:
@@ -246,7 +254,7 @@ class MGDLoss(nn.Module):
         _checks.check_channels(student, "student", self.student_channels, "student_channels")
         _checks.check_channels(teacher, "teacher", self.teacher_channels, "teacher_channels")
         return mgd_loss(
-            student,
+            to_layer_dtype(student, self),
             teacher,
             self.align,
             self.generation,
@@ -255,6 +263,12 @@ class MGDLoss(nn.Module):
             self.reduction,
             generator=self.generator,
         )
+
+    def distillation_checks(self) -> LossDeclaration:
+        """The inputs :func:`segkd.testing.check_distillation_loss` needs: a teacher of ``teacher_channels``."""
+        from segkd.testing.checks import LossDeclaration
+
+        return LossDeclaration(teacher_channels=self.teacher_channels)
 
     def extra_repr(self) -> str:
         return (

@@ -177,7 +177,9 @@ def forward(
         torch.amax(block.inputs, dim=2, out=max_out)
         torch.softmax(block.inputs, dim=2, out=block.probs)  # one fused, vectorised kernel for both inputs
         torch.amax(block.probs, dim=2, out=top_out)
-        torch.sum(block.t.sub_(block.s).mul_(block.p_t), dim=1, out=cross_out)
+        # nansum: 0 log 0 = 0. Where p_T = 0 because t = -inf (a masked logit) the product is 0 * -inf = NaN, and
+        # the term is 0; a NaN input still gives NaN, through the row maxima.
+        torch.nansum(block.t.sub_(block.s).mul_(block.p_t), dim=1, out=cross_out)
         if direction_out is not None:
             difference = torch.sub(block.p_s, block.p_t, out=direction_out)
             if sqdist_out is not None:

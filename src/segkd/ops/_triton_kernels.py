@@ -46,7 +46,9 @@ import triton.language as tl
 def _scaled(x, inv_tau, inv_tau_lo, EXACT_TAU: tl.constexpr):
     """``x / tau`` in ``x``'s dtype; fp64 (``EXACT_TAU``) uses ``1/tau = inv_tau + inv_tau_lo`` (fp32 scalars)."""
     if EXACT_TAU:
-        return x * inv_tau + x * inv_tau_lo
+        # An infinite x (a masked logit) stays infinite: inf * inv_tau + inf * inv_tau_lo is NaN when inv_tau_lo < 0.
+        scaled = x * inv_tau
+        return tl.where(tl.abs(scaled) == float("inf"), scaled, scaled + x * inv_tau_lo)
     else:
         return x * inv_tau
 
@@ -196,7 +198,8 @@ def channel_kl_forward_kernel(
         # p_S - p_T = p_T * expm1(-d) = p_T * (q - d) for small |d|, without cancellation.
         p_s = tl.exp(_scaled(x_s, inv_tau, inv_tau_lo, EXACT_TAU) - log_z_s[:, None])
         diff = tl.where(small, p_t * (q - d), p_s - p_t)
-        term = tl.where(small, p_t * q, p_t * d + diff)
+        # 0 log 0 = 0: where p_T = 0 (t = -inf, a masked logit) d is -inf or NaN and the term is p_S alone.
+        term = tl.where(small, p_t * q, tl.where(p_t == 0.0, 0.0, p_t * d) + diff)
         kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
         diff = tl.where(mask, diff, 0.0)
         mass_gap += tl.sum(diff, axis=1)
@@ -358,12 +361,15 @@ def combine_segments(
         d_small = tl.where(small, d, 0.0)
         q = _expm1_neg_plus(d_small, ACC)  # d + expm1(-d) where small
         dw = tl.where(small, w_t * (q - d_small), w_s - w_t)
-        kl += w_t * tl.load(at + 5 * field, mask=row_ok, other=0.0).to(ACC) + tl.where(small, w_t * q, w_t * d + dw)
+        # 0 log 0 = 0: a segment without teacher mass (all -inf: KL_k, A_k, B_k and d_k are NaN) adds dw alone.
+        no_mass = w_t == 0.0
+        segment_kl = w_t * tl.load(at + 5 * field, mask=row_ok, other=0.0).to(ACC)
+        kl += tl.where(no_mass, dw, segment_kl + tl.where(small, w_t * q, w_t * d + dw))
         if NEED_SQDIST:
             a = tl.load(at + 6 * field, mask=row_ok, other=0.0).to(ACC)
             b = tl.load(at + 7 * field, mask=row_ok, other=0.0).to(ACC)
             c = tl.load(at + 8 * field, mask=row_ok, other=0.0).to(ACC)
-            sqdist += w_t * w_t * a + 2.0 * w_t * dw * b + dw * dw * c
+            sqdist += tl.where(no_mass, dw * dw * c, w_t * w_t * a + 2.0 * w_t * dw * b + dw * dw * c)
     return tl.maximum(kl, 0.0), tl.maximum(sqdist, 0.0), m_s, tl.log(z_s), m_t, tl.log(z_t)
 
 

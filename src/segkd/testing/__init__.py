@@ -18,6 +18,6 @@ Example:
 """
 
 from segkd.testing import reference
-from segkd.testing.checks import PROPERTIES, CheckReport, LossCheckError, check_distillation_loss
+from segkd.testing.checks import PROPERTIES, CheckReport, LossCheckError, LossDeclaration, check_distillation_loss
 
-__all__ = ["PROPERTIES", "CheckReport", "LossCheckError", "check_distillation_loss", "reference"]
+__all__ = ["PROPERTIES", "CheckReport", "LossCheckError", "LossDeclaration", "check_distillation_loss", "reference"]

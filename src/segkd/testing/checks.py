@@ -28,7 +28,15 @@ from torch.autograd.gradcheck import GradcheckError
 
 from segkd import _checks
 
-__all__ = ["PROPERTIES", "CheckReport", "LossCheckError", "check_distillation_loss"]
+__all__ = [
+    "DECLARATION_ATTRIBUTE",
+    "PROPERTIES",
+    "CheckReport",
+    "LossCheckError",
+    "LossDeclaration",
+    "check_distillation_loss",
+    "declared_checks",
+]
 
 #: Every property :func:`check_distillation_loss` can check, in the order it checks them.
 PROPERTIES = (
@@ -54,6 +62,68 @@ LossFn = Callable[..., Any]
 _GRADCHECK_EPS = 1e-6
 _GRADCHECK_ATOL = 1e-5
 _GRADCHECK_RTOL = 1e-3
+
+
+#: The attribute through which a loss declares what :func:`check_distillation_loss` needs to know about it.
+DECLARATION_ATTRIBUTE = "distillation_checks"
+
+
+@dataclass(frozen=True)
+class LossDeclaration:
+    """What a loss declares about itself for :func:`check_distillation_loss`: the declaration protocol.
+
+    A loss (an ``nn.Module`` or a function) declares through an attribute named ``distillation_checks``
+    (:data:`DECLARATION_ATTRIBUTE`) holding a :class:`LossDeclaration`, a mapping of its field names,
+    or a callable without arguments that returns one of them (a method, so that the declaration
+    follows the module's settings: its ``reference`` uses the same ``tau``). Every segkd loss
+    declares; fields left at their defaults declare nothing. An argument given to
+    :func:`check_distillation_loss` overrides the declared value.
+
+    Attributes:
+        zero_at_equal: the loss and its gradient vanish at ``student == teacher`` (checked only when
+            the teacher has the student's shape).
+        channel_shift_invariant: invariance to a per-channel constant.
+        pixel_shift_invariant: invariance to a per-pixel constant shared by all channels.
+        reference: an independent implementation with the loss's settings, taking the same arguments.
+        exact_gradient: ``False`` when part of the value is detached on purpose (HWD's weights):
+            ``gradcheck`` is skipped and the gradient is compared with ``reference``'s instead.
+        with_labels: the loss takes a label map as third argument.
+        num_classes: the number of classes of the generated labels.
+        ignore_index: the label of ignored pixels.
+        teacher_channels: the teacher's channel count when the loss fixes it (MGD, CIRKD's memory):
+            the teacher is generated with the student's shape but this many channels.
+    """
+
+    zero_at_equal: bool = False
+    channel_shift_invariant: bool = False
+    pixel_shift_invariant: bool = False
+    reference: LossFn | None = None
+    exact_gradient: bool = True
+    with_labels: bool = False
+    num_classes: int | None = None
+    ignore_index: int = 255
+    teacher_channels: int | None = None
+
+
+def declared_checks(loss: Any) -> LossDeclaration:
+    """The :class:`LossDeclaration` of ``loss`` (an empty one when it declares nothing).
+
+    Raises:
+        TypeError: ``distillation_checks`` is neither a declaration, a mapping, nor a callable returning one.
+    """
+    declared = getattr(loss, DECLARATION_ATTRIBUTE, None)
+    if callable(declared) and not isinstance(declared, (LossDeclaration, Mapping)):
+        declared = declared()
+    if declared is None:
+        return LossDeclaration()
+    if isinstance(declared, Mapping):
+        return LossDeclaration(**declared)
+    if not isinstance(declared, LossDeclaration):
+        raise TypeError(
+            f"Expected `loss.{DECLARATION_ATTRIBUTE}` to be a LossDeclaration, a mapping of its fields, or a "
+            f"callable returning one, got {type(declared).__name__}."
+        )
+    return declared
 
 
 class LossCheckError(AssertionError):
@@ -260,7 +330,10 @@ class _Battery:
         def fn(x: Tensor) -> tuple[Tensor, ...]:
             return self.evaluate(base, x, teacher, labels, prop)
 
-        hint = "if the loss detaches part of its value on purpose (e.g. weights), declare exact_gradient=False"
+        hint = (
+            "if the loss detaches part of its value on purpose (e.g. weights), declare exact_gradient=False "
+            "with a reference (an argument, or its `distillation_checks` declaration)"
+        )
         with self.raised(prop, case):
             if not any(o.requires_grad for o in fn(student)):
                 raise self.fail(prop, case, "no output requires grad: the student path is disconnected", math.nan)
@@ -622,15 +695,15 @@ def check_distillation_loss(
     student_shape: Sequence[int],
     *,
     teacher_shape: Sequence[int] | None = None,
-    with_labels: bool = False,
+    with_labels: bool | None = None,
     num_classes: int | None = None,
     label_shape: Sequence[int] | None = None,
-    ignore_index: int = 255,
-    zero_at_equal: bool = False,
-    channel_shift_invariant: bool = False,
-    pixel_shift_invariant: bool = False,
+    ignore_index: int | None = None,
+    zero_at_equal: bool | None = None,
+    channel_shift_invariant: bool | None = None,
+    pixel_shift_invariant: bool | None = None,
     reference: LossFn | None = None,
-    exact_gradient: bool = True,
+    exact_gradient: bool | None = None,
     fast_gradcheck: bool = False,
     scales: Sequence[float] = (1e4, 1e-6),
     atol: float = 1e-6,
@@ -684,6 +757,14 @@ def check_distillation_loss(
     ``gradcheck`` cannot pass: declare ``exact_gradient=False`` and give a differentiable
     ``reference`` that detaches the same parts; ``reference_gradient`` then checks the gradient.
 
+    **Declarations**: a loss can carry these settings itself, in a ``distillation_checks`` attribute
+    (see :class:`LossDeclaration`); every segkd loss does, so ``check_distillation_loss(loss, shape)``
+    checks its invariances and its float64 reference with no other argument. Each of ``with_labels``,
+    ``num_classes``, ``ignore_index``, ``zero_at_equal``, ``channel_shift_invariant``,
+    ``pixel_shift_invariant``, ``reference`` and ``exact_gradient`` left at ``None`` takes the declared
+    value (``False``, ``None``, ``255`` or ``True`` without a declaration); a value given here wins.
+    A declared ``teacher_channels`` sets the teacher's shape when ``teacher_shape`` is not given.
+
     The object passed as ``loss`` is never changed (its copies stay in the train or eval mode it is
     in) and the global random state is restored on exit. Keep the shapes small: gradcheck costs
     two loss evaluations per student element (see ``fast_gradcheck``).
@@ -691,17 +772,19 @@ def check_distillation_loss(
     Args:
         loss: the loss: a function or an ``nn.Module`` taking ``(student, teacher[, labels])``.
         student_shape: shape of the generated student tensor, ``(N, C, H, W)`` or ``(N, C, L)``.
-        teacher_shape: shape of the teacher tensor (default: ``student_shape``).
+        teacher_shape: shape of the teacher tensor (default: ``student_shape``, with the declared
+            ``teacher_channels`` if any).
         with_labels: also pass an integer label map (requires ``num_classes``).
         num_classes: labels are drawn from ``[0, num_classes)``, about 20% set to ``ignore_index``.
         label_shape: shape of the label map (default: ``(N, *student_shape[2:])``).
         ignore_index: the label of ignored pixels.
-        zero_at_equal: declare that the loss and its gradient vanish at ``student == teacher``.
+        zero_at_equal: declare that the loss and its gradient vanish at ``student == teacher`` (a
+            declared one is skipped when the teacher's shape differs; a given one raises there).
         channel_shift_invariant: declare invariance to a per-channel constant.
         pixel_shift_invariant: declare invariance to a per-pixel constant shared by all channels.
         reference: an independent implementation taking the same arguments, compared in float64.
         exact_gradient: ``False`` when the loss detaches part of its value on purpose; needs
-            ``reference``.
+            ``reference``. With a given ``reference``, it defaults to ``True``, not to the declared value.
         fast_gradcheck: instead of the full gradcheck, compare the autograd and central-difference
             derivatives of a random projection of the outputs along one random direction (three
             evaluations instead of two per student element, as gradcheck's ``fast_mode`` but
@@ -746,10 +829,29 @@ def check_distillation_loss(
     """
     if not callable(loss):
         raise TypeError(f"Expected `loss` to be callable (a function or an nn.Module), got {type(loss).__name__}.")
+    declared = declared_checks(loss)
     student_dims = _checks.check_shape_spec(student_shape, "student_shape", min_dims=3)
-    teacher_dims = (
-        student_dims if teacher_shape is None else _checks.check_shape_spec(teacher_shape, "teacher_shape", min_dims=3)
+    if teacher_shape is not None:
+        teacher_dims = _checks.check_shape_spec(teacher_shape, "teacher_shape", min_dims=3)
+    elif declared.teacher_channels is not None:
+        teacher_dims = (student_dims[0], declared.teacher_channels, *student_dims[2:])
+    else:
+        teacher_dims = student_dims
+    declared_zero = zero_at_equal is None and declared.zero_at_equal
+    with_labels = declared.with_labels if with_labels is None else with_labels
+    num_classes = declared.num_classes if num_classes is None else num_classes
+    ignore_index = declared.ignore_index if ignore_index is None else ignore_index
+    zero_at_equal = declared.zero_at_equal if zero_at_equal is None else zero_at_equal
+    channel_shift_invariant = (
+        declared.channel_shift_invariant if channel_shift_invariant is None else channel_shift_invariant
     )
+    pixel_shift_invariant = declared.pixel_shift_invariant if pixel_shift_invariant is None else pixel_shift_invariant
+    if reference is None:
+        reference = declared.reference
+        exact_gradient = declared.exact_gradient if exact_gradient is None else exact_gradient
+    elif exact_gradient is None:
+        exact_gradient = True
+    exact = bool(exact_gradient)
     labels_dims: tuple[int, ...] | None = None
     if with_labels:
         if num_classes is None:
@@ -758,6 +860,9 @@ def check_distillation_loss(
         _checks.check_int(ignore_index, "ignore_index")
         default = (student_dims[0], *student_dims[2:])
         labels_dims = default if label_shape is None else _checks.check_shape_spec(label_shape, "label_shape", 1)
+    zero_skipped = "not declared"
+    if declared_zero and teacher_dims != student_dims:  # declared for equal shapes only: nothing to check here
+        zero_at_equal, zero_skipped = False, "declared, but the teacher's shape differs from the student's"
     if zero_at_equal and teacher_dims != student_dims:
         raise ValueError(
             "Expected `teacher_shape` to equal `student_shape` when `zero_at_equal=True`, "
@@ -765,7 +870,7 @@ def check_distillation_loss(
         )
     if reference is not None and not callable(reference):
         raise TypeError(f"Expected `reference` to be callable or None, got {type(reference).__name__}.")
-    if not exact_gradient and reference is None:
+    if not exact and reference is None:
         raise ValueError(
             "Expected a `reference` when `exact_gradient=False`: its gradient replaces gradcheck, got None."
         )
@@ -797,7 +902,7 @@ def check_distillation_loss(
         battery.check_inputs_unchanged()
         battery.check_deterministic()
         passed += ["output", "inputs_unchanged", "deterministic"]
-        if exact_gradient:
+        if exact:
             battery.check_gradcheck()
             passed.append("gradcheck")
         else:
@@ -810,15 +915,15 @@ def check_distillation_loss(
             battery.check_zero_at_equal()
             passed.append("zero_at_equal")
         else:
-            skipped["zero_at_equal"] = "not declared"
-        for kind, declared in (("channel", channel_shift_invariant), ("pixel", pixel_shift_invariant)):
-            if declared:
+            skipped["zero_at_equal"] = zero_skipped
+        for kind, holds in (("channel", channel_shift_invariant), ("pixel", pixel_shift_invariant)):
+            if holds:
                 battery.check_shift_invariant(kind)
                 passed.append(f"{kind}_shift_invariant")
             else:
                 skipped[f"{kind}_shift_invariant"] = "not declared"
         if reference is not None:
-            compared = battery.check_reference(reference, exact_gradient)
+            compared = battery.check_reference(reference, exact)
             passed.append("reference")
             if compared:
                 passed.append("reference_gradient")

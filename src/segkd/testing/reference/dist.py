@@ -54,7 +54,7 @@ def pearson_correlation_reference(a: Tensor, b: Tensor, eps: float = 1e-8) -> Te
 
 
 def dist_loss_reference(
-    student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0
+    student: Tensor, teacher: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, softmax: bool = True
 ) -> Tensor:
     r"""DIST loss in float64, with every pixel a sample.
 
@@ -63,7 +63,8 @@ def dist_loss_reference(
         L = \tau^2 \Big(\beta \big(1 - \tfrac{1}{M} \textstyle\sum_m \rho(Y_S[m], Y_T[m])\big)
             + \gamma \big(1 - \tfrac{1}{C} \textstyle\sum_c \rho(Y_S[:, c], Y_T[:, c])\big)\Big),
 
-    with rows ``Y[m] = softmax(z[n, :, pixel] / tau)`` for the ``M = N * H * W`` pixels of the batch.
+    with rows ``Y[m] = softmax(z[n, :, pixel] / tau)`` for the ``M = N * H * W`` pixels of the batch, or
+    ``Y[m] = z[n, :, pixel] / tau`` with ``softmax=False`` (the raw-logit form of the HWD authors' code).
 
     Reference: T. Huang, S. You, F. Wang, C. Qian, C. Xu, "Knowledge Distillation from A Stronger
     Teacher", NeurIPS 2022.
@@ -74,6 +75,7 @@ def dist_loss_reference(
         beta: weight of the inter-class term.
         gamma: weight of the intra-class term.
         tau: softmax temperature, > 0.
+        softmax: correlate probabilities (default) or the scaled logits themselves.
 
     Shape:
         - student, teacher: ``(N, C, *)``: ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``.
@@ -105,8 +107,9 @@ def dist_loss_reference(
     rows_s, rows_t = [], []
     for n in range(s.shape[0]):
         for p in range(positions):
-            rows_s.append(torch.softmax(s[n, :, p] / tau, dim=0))
-            rows_t.append(torch.softmax(t[n, :, p] / tau, dim=0))
+            row_s, row_t = s[n, :, p] / tau, t[n, :, p] / tau
+            rows_s.append(torch.softmax(row_s, dim=0) if softmax else row_s)
+            rows_t.append(torch.softmax(row_t, dim=0) if softmax else row_t)
     y_s = torch.stack(rows_s)  # (M, C)
     y_t = torch.stack(rows_t)
     samples = y_s.shape[0]
