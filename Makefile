@@ -9,6 +9,9 @@ EXTRAS ?= test,dev,triton,examples
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.segkd-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core, at most 4 (each imports torch). `make test PYTEST_WORKERS=0` runs serially.
+PYTEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1))")
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 LINT_PATHS := src tests examples benchmarks tools
 
 .PHONY: install demo quickstart test test-other-cpus lint format typecheck pytest fuzz bench clean
@@ -50,7 +53,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -61,7 +64,7 @@ NUMERIC_TESTS ?= src/segkd tests/ops tests/losses tests/fuzz tests/testing tests
 test-other-cpus: $(STAMP)
 	@caps=$$($(BIN)/python tools/other_cpu_capabilities.py) && for cap in $$caps; do \
 		echo "== ATEN_CPU_CAPABILITY=$$cap: $(NUMERIC_TESTS)"; \
-		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m "not triton" $(PYTEST_ARGS) $(NUMERIC_TESTS) \
+		ATEN_CPU_CAPABILITY=$$cap $(BIN)/python -m pytest -q -m "not triton" $(XDIST) $(PYTEST_ARGS) $(NUMERIC_TESTS) \
 			|| exit 1; \
 	done
 
