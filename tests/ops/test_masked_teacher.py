@@ -108,11 +108,23 @@ def test_student_minus_inf_where_the_teacher_has_mass_gives_inf(backend: str) ->
     assert torch.isfinite(grad).all()  # (p_S - p_T) / tau: finite
 
 
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
-def test_nan_inputs_still_give_nan(where: str) -> None:
-    # The torch backend's 0 log 0 (a nansum) must not hide a NaN input. (The Triton backend's final clamp
-    # tl.maximum(kl, 0) returns 0 for a NaN row: not part of this class, reported separately.)
+def test_nan_inputs_still_give_nan(where: str, backend: str, split: bool, request: pytest.FixtureRequest) -> None:
+    # The torch backend's 0 log 0 (a nansum) must not hide a NaN input, nor may the Triton kernels' final
+    # clamp max(kl, 0) (it returned 0 for a NaN row before it kept NaN).
+    if split:
+        if backend == "torch":
+            pytest.skip("the torch backend does not split rows")
+        request.getfixturevalue("split_rows")
     student, teacher, _ = _masked_pair(torch.float32)
+    student, teacher = student.nan_to_num(neginf=-30.0), teacher.nan_to_num(neginf=-30.0)
     (student if where == "student" else teacher)[0, 0, 1, 1] = math.nan
-    value = channel_kl(student, teacher, 1.5, backend="torch")
-    assert math.isnan(value[0, 0].item())
+    kl, sqdist = channel_kl(student, teacher, 1.5, return_sqdist=True, backend=backend)  # type: ignore[arg-type]
+    assert math.isnan(kl[0, 0].item())
+    assert math.isnan(sqdist[0, 0].item())
+    assert torch.isfinite(kl.view(-1)[1:]).all()  # the other rows are untouched
+    for weights in ("uniform", "hwd"):
+        loss = weighted_channel_kl(student, teacher, 1.5, weights=weights, backend=backend)  # type: ignore[arg-type]
+        assert math.isnan(loss.item()), weights

@@ -43,6 +43,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _clamp_keep_nan(x):
+    # max(x, 0) against rounding below 0, NaN kept: a NaN input gives a NaN KL, as in the torch backend.
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _scaled(x, inv_tau, inv_tau_lo, EXACT_TAU: tl.constexpr):
     """``x / tau`` in ``x``'s dtype; fp64 (``EXACT_TAU``) uses ``1/tau = inv_tau + inv_tau_lo`` (fp32 scalars)."""
     if EXACT_TAU:
@@ -214,9 +220,9 @@ def channel_kl_forward_kernel(
     # second does not (it is all that is left of the KL of near-identical rows). The sum of the differences,
     # formed to the rounding of its small terms, is h = e^g - 1 (sum p_S = 1), which corrects both: the KL
     # by h - log1p(h) = h^2/2 - h^3/3 + ..., the squares to A - 2 h B + h^2 C (A, B, C accumulated above).
-    kl = tl.maximum(kl - mass_gap * mass_gap * (0.5 - mass_gap * (1.0 / 3.0 - mass_gap * 0.25)), 0.0)
+    kl = _clamp_keep_nan(kl - mass_gap * mass_gap * (0.5 - mass_gap * (1.0 / 3.0 - mass_gap * 0.25)))
     if NEED_SQDIST:
-        sqdist = tl.maximum(sqdist - mass_gap * (2.0 * cross - mass_gap * square), 0.0)
+        sqdist = _clamp_keep_nan(sqdist - mass_gap * (2.0 * cross - mass_gap * square))
         cross = cross - mass_gap * square
     if SPLIT:
         # log(z_T / z_S) of the segment, corrected by g = log1p(h) as well: the combine needs it accurate.
@@ -370,7 +376,7 @@ def combine_segments(
             b = tl.load(at + 7 * field, mask=row_ok, other=0.0).to(ACC)
             c = tl.load(at + 8 * field, mask=row_ok, other=0.0).to(ACC)
             sqdist += tl.where(no_mass, dw * dw * c, w_t * w_t * a + 2.0 * w_t * dw * b + dw * dw * c)
-    return tl.maximum(kl, 0.0), tl.maximum(sqdist, 0.0), m_s, tl.log(z_s), m_t, tl.log(z_t)
+    return _clamp_keep_nan(kl), _clamp_keep_nan(sqdist), m_s, tl.log(z_s), m_t, tl.log(z_t)
 
 
 @triton.jit
