@@ -15,9 +15,11 @@ Private helpers of :mod:`segkd.losses.cirkd`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -32,6 +34,20 @@ ROW_TENSORS = 4
 """Tensors of ``block x keys`` alive at once while a block is processed (measured peak: about 4)."""
 
 
+def _fits(block_size: int | None, rows: int, keys: int, itemsize: int) -> bool:
+    """Whether ``block_size=None`` and all ``rows x keys`` temporaries fit :data:`BLOCK_BYTES` (no blocks then)."""
+    return block_size is None and ROW_TENSORS * rows * keys * itemsize <= BLOCK_BYTES
+
+
+def _unblocked_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """``KL(softmax(z_t) || softmax(z_s))`` along the last dim, clamped at 0, by plain autograd (all rows at once)."""
+    with torch.no_grad():
+        log_p = F.log_softmax(teacher_logits, dim=-1)
+        p = log_p.exp()
+        neg_entropy = torch.einsum("...i,...i->...", p, log_p)
+    return (neg_entropy - torch.einsum("...i,...i->...", p, F.log_softmax(student_logits, dim=-1))).clamp_min(0)
+
+
 def check_block_size(value: Any) -> int | None:
     """Return ``value`` (``None`` or an ``int`` >= 1), else raise ``TypeError`` / ``ValueError`` naming it."""
     return None if value is None else _checks.check_positive_int(value, "block_size")
@@ -44,18 +60,25 @@ def block_rows(block_size: int | None, keys: int, itemsize: int) -> int:
     return max(1, BLOCK_BYTES // (ROW_TENSORS * keys * itemsize))
 
 
-def _kl_and_grad(z_t: Tensor, z_s: Tensor) -> tuple[Tensor, Tensor]:
-    """``KL(softmax(z_t) || softmax(z_s))`` along the last dim and its gradient w.r.t. ``z_s``; both consumed.
+def _kl_and_grad(
+    teacher_logits: Callable[[], Tensor], student_logits: Callable[[], Tensor], grad_scale: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """``KL(softmax(z_t) || softmax(z_s))`` along the last dim and ``grad_scale`` times its gradient w.r.t. ``z_s``.
 
-    KL is clamped at 0 (near-equal rows can round to ~-1e-8); where it was clamped the gradient is 0, as
-    ``clamp_min``'s. The inputs are overwritten to hold the peak at about four tensors of their size.
+    The logits are built by the callables, so that no caller holds them: each is freed once its
+    log-softmax is taken, and the peak stays at four tensors of their size. KL is clamped at 0
+    (near-equal rows can round to ~-1e-8); where it was clamped the gradient is 0, as ``clamp_min``'s.
     """
-    log_p = z_t.sub_(torch.logsumexp(z_t, dim=-1, keepdim=True))
+    log_p = F.log_softmax(teacher_logits(), dim=-1)
     p = log_p.exp()
-    log_q = z_s.sub_(torch.logsumexp(z_s, dim=-1, keepdim=True))
-    raw = torch.einsum("...i,...i->...", p, log_p) - torch.einsum("...i,...i->...", p, log_q)
+    log_q = F.log_softmax(student_logits(), dim=-1)
+    # Row dot products on 2-D views: einsum over 3-D operands goes through a slow batched matmul on CPU.
+    rows = p.shape[-1]
+    raw = torch.einsum("ri,ri->r", p.view(-1, rows), log_p.view(-1, rows))
+    raw -= torch.einsum("ri,ri->r", p.view(-1, rows), log_q.view(-1, rows))
+    raw = raw.view(p.shape[:-1])
     del log_p
-    grad = log_q.exp_().sub_(p).mul_((raw >= 0).unsqueeze(-1).to(p.dtype))
+    grad = log_q.exp_().sub_(p).mul_((raw >= 0).unsqueeze(-1).to(p.dtype) * grad_scale)
     return raw.clamp_min(0), grad
 
 
@@ -77,13 +100,15 @@ def _minibatch_blocks(
     for image in range(batch):
         for start in range(image * length, (image + 1) * length, rows):
             stop = min(start + rows, (image + 1) * length)
-            z_t = torch.matmul(t_anchors[start:stop], t_anchors.t()) / tau
-            z_s = torch.matmul(anchors[start:stop], anchors.t()) / tau
-            kl, grad = _kl_and_grad(z_t.view(stop - start, batch, length), z_s.view(stop - start, batch, length))
+            shape = (stop - start, batch, length)
+            kl, grad = _kl_and_grad(
+                lambda: (torch.matmul(t_anchors[start:stop], t_anchors.t()) / tau).view(shape),  # noqa: B023
+                lambda: (torch.matmul(anchors[start:stop], anchors.t()) / tau).view(shape),  # noqa: B023
+                1.0 / (length * tau),
+            )
             terms[image] += kl.sum(dim=0)
             if grad_row is None:
                 continue
-            grad = grad.div_(length * tau)
             if grad_key is not None:
                 grad_row[start:stop] = torch.einsum("rjv,jvc->rjc", grad, keys)
                 grad_key[image] += grad.view(stop - start, -1).t() @ anchors[start:stop]
@@ -130,10 +155,17 @@ def minibatch_kl(student: Tensor, teacher: Tensor, tau: float, block_size: int |
     \mathrm{softmax}(S^S_{ij}[u]))`.
 
     Blocks hold at most ``block_size`` anchor pixels of one image (``None``: :func:`block_rows` with
-    ``B L`` keys). With ``reduction`` ``"mean"`` or ``"sum"`` the result must be reduced that way (the
+    ``B L`` keys, or no blocks, plain autograd, when all ``B L x B L`` temporaries fit :data:`BLOCK_BYTES`:
+    measured faster there). With ``reduction`` ``"mean"`` or ``"sum"`` the result must be reduced that way (the
     gradient kept assumes the same upstream gradient for every pair).
     """
     batch, _, length = student.shape
+    if _fits(block_size, batch * length, batch * length, student.element_size()):
+
+        def similarities(unit: Tensor) -> Tensor:
+            return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / tau  # (B, B, L, L)
+
+        return _unblocked_kl(similarities(teacher), similarities(student)).mean(dim=-1)
     rows = min(block_rows(block_size, batch * length, student.element_size()), length)
     if torch.is_grad_enabled() and student.requires_grad:
         out: Tensor = _MiniBatchKL.apply(student, teacher, tau, rows, reduction == "none")
@@ -150,9 +182,10 @@ def _memory_blocks(
     entries_t = entries.t()
     for start in range(0, student.shape[0], rows):
         stop = min(start + rows, student.shape[0])
-        z_t = torch.matmul(teacher[start:stop], entries_t).mul_(scale)
-        z_s = torch.matmul(student[start:stop], entries_t).mul_(scale)
-        kl, grad = _kl_and_grad(z_t, z_s)
+        kl, grad = _kl_and_grad(
+            lambda: torch.matmul(teacher[start:stop], entries_t) * scale,  # noqa: B023
+            lambda: torch.matmul(student[start:stop], entries_t) * scale,  # noqa: B023
+        )
         total += kl.sum()
         if grad_out is not None:
             grad_out[start:stop] = grad @ entries
@@ -183,8 +216,11 @@ def memory_kl(student: Tensor, teacher: Tensor, entries: Tensor, scale: float, b
 
     ``student`` / ``teacher``: ``(V, D)`` unit anchors (teacher detached); ``entries``: ``(M, D)``, detached;
     ``scale``: the factor ``s`` of the logits. Blocks of ``block_size`` anchors (``None``: :func:`block_rows`
-    with ``M`` keys).
+    with ``M`` keys, or no blocks, plain autograd, when all ``V x M`` temporaries fit :data:`BLOCK_BYTES`).
     """
+    if _fits(block_size, student.shape[0], entries.shape[0], student.element_size()):
+        entries_t = entries.t()
+        return _unblocked_kl((teacher @ entries_t) * scale, (student @ entries_t) * scale).mean()
     rows = block_rows(block_size, entries.shape[0], student.element_size())
     if torch.is_grad_enabled() and student.requires_grad:
         total: Tensor = _MemoryKL.apply(student, teacher, entries, scale, rows)

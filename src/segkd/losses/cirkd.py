@@ -85,11 +85,12 @@ def cirkd_minibatch_loss(
     (``B C_s L`` numbers; ``2 B^2 C_s L`` with ``reduction="none"``). The peak is about four
     ``block_size x B L`` tensors (see ``docs/losses/cirkd.md``, "Memory-bounded blocks", for figures),
     where the unblocked formula peaks at about three ``B^2 L^2`` tensors (``~12 B^2 L^2`` bytes in fp32,
-    3.3 GB for ``B = 2`` and a ``64 x 128`` feature map). ``block_size=None`` picks the most anchors whose
-    temporaries fit 256 MiB. ``pool=k`` averages ``k x k`` windows first (stride ``k``, the last window
+    3.3 GB for ``B = 2`` and a ``64 x 128`` feature map). ``block_size=None`` computes all pairs at once
+    by plain autograd when four ``B L x B L`` tensors fit 256 MiB (faster), else picks the most anchors
+    per block that fit it. ``pool=k`` averages ``k x k`` windows first (stride ``k``, the last window
     partial, as ``AvgPool2d(k, k, ceil_mode=True)``), dividing ``L`` by about ``k^2``. The authors'
-    latest code pools ``4 x 4`` once both sides are >= 256; their first release does not pool. The
-    result is not twice differentiable.
+    latest code pools ``4 x 4`` once both sides are >= 256; their first release does not pool. Computed
+    in blocks, the result is not twice differentiable.
 
     The teacher is detached inside: it never receives a gradient. A student feature vector that is
     exactly zero (no direction) passes no gradient, where ``F.normalize`` would pass ``1e12`` times the
@@ -102,8 +103,8 @@ def cirkd_minibatch_loss(
         pool: kernel (= stride) of an average pooling applied first, or ``None`` for none.
         reduction: ``"mean"`` averages over the ``B^2`` ordered pairs (the formula); ``"sum"``
             adds them; ``"none"`` returns the ``(B, B)`` per-pair terms (mean over rows).
-        block_size: anchor pixels per block (>= 1; a block never spans two images), or ``None`` to
-            fit each block's temporaries in 256 MiB. Changes memory and speed, not the result.
+        block_size: anchor pixels per block (>= 1; a block never spans two images), or ``None``: no
+            blocks if everything fits 256 MiB, else blocks that do. Changes memory and speed, not the result.
 
     Shape:
         - student_feat: ``(N, C_s, H, W)``; teacher_feat: ``(N, C_t, H, W)``.
@@ -238,8 +239,9 @@ def cirkd_memory_kl(
 
     Memory: the ``V x M`` logits are computed in blocks of at most ``block_size`` anchors, each block's
     gradient contracted with the entries at once; autograd keeps ``V D`` numbers per term and the peak
-    is about four ``block_size x M`` tensors (unblocked: two ``V x M`` kept, three at the peak).
-    Not twice differentiable.
+    is about four ``block_size x M`` tensors (unblocked: two ``V x M`` kept, three at the peak). With
+    ``block_size=None`` there are no blocks (plain autograd) when four ``V x M`` tensors fit 256 MiB.
+    Computed in blocks, the result is not twice differentiable.
 
     Args:
         student_embed: student embedding, already projected to the teacher's width (CIRKD's
@@ -252,8 +254,8 @@ def cirkd_memory_kl(
         contrast_tau: temperature of the similarities, > 0 (paper: 0.1).
         kd_tau: temperature of the KL between the similarity distributions, > 0 (paper: 1).
         ignore_index: label of pixels that are not anchors.
-        block_size: anchors per block (>= 1), or ``None`` to fit each block's temporaries in 256 MiB.
-            Changes memory and speed, not the result.
+        block_size: anchors per block (>= 1), or ``None``: no blocks if everything fits 256 MiB, else
+            blocks that do. Changes memory and speed, not the result.
 
     Shape:
         - student_embed, teacher_embed: ``(N, D, h, w)``.
