@@ -1,7 +1,8 @@
 """Benchmark of CIRKD's relational terms on CPU: peak memory and time, blocked (segkd) against unblocked.
 
-Not a test. ``unblocked`` is segkd's formula before the blocks (all ``(B, B, L, L)`` mini-batch
-similarities, or all ``V x M`` memory logits, at once, plain autograd), copied here; ``blocked`` is
+Not a test. ``unblocked`` is segkd's code before the blocks (all ``(B, B, L, L)`` mini-batch
+similarities, or all ``V x M`` memory logits, at once, plain autograd), copied here (without the
+argument checks); ``blocked`` is
 :func:`segkd.losses.cirkd.cirkd_minibatch_loss` / :func:`~segkd.losses.cirkd.cirkd_memory_kl` with
 ``block_size=None`` (256 MiB of temporaries) and with a small ``block_size``. Columns:
 
@@ -67,11 +68,13 @@ def unblocked_minibatch(student: Any, teacher: Any) -> Any:
     import torch
     import torch.nn.functional as F
 
+    from segkd.losses._vectors import unit_vectors
+
     student = F.avg_pool2d(student, POOL, stride=POOL, ceil_mode=True)
     teacher = F.avg_pool2d(teacher.detach(), POOL, stride=POOL, ceil_mode=True)
 
     def similarities(feat: Any) -> Any:
-        unit = F.normalize(feat.flatten(2), dim=1)
+        unit = unit_vectors(feat.flatten(2))
         return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / TAU
 
     with torch.no_grad():
@@ -87,8 +90,10 @@ def unblocked_memory(student: Any, teacher: Any, entries: Any) -> Any:
     import torch
     import torch.nn.functional as F
 
+    from segkd.losses._vectors import unit_vectors
+
     dim = student.shape[1]
-    s = F.normalize(student, dim=1).permute(0, 2, 3, 1).reshape(-1, dim)
+    s = unit_vectors(student).permute(0, 2, 3, 1).reshape(-1, dim)
     t = F.normalize(teacher.detach(), dim=1).permute(0, 2, 3, 1).reshape(-1, dim)
     with torch.no_grad():
         log_p_t = F.log_softmax(t @ entries.t() / TAU, dim=-1)
