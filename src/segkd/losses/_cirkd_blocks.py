@@ -39,13 +39,17 @@ def _fits(block_size: int | None, rows: int, keys: int, itemsize: int) -> bool:
     return block_size is None and ROW_TENSORS * rows * keys * itemsize <= BLOCK_BYTES
 
 
-def _unblocked_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
-    """``KL(softmax(z_t) || softmax(z_s))`` along the last dim, clamped at 0, by plain autograd (all rows at once)."""
+def _unblocked_kl(teacher_logits: Callable[[], Tensor], student_logits: Callable[[], Tensor]) -> Tensor:
+    """``KL(softmax(z_t) || softmax(z_s))`` along the last dim, clamped at 0, by plain autograd (all rows at once).
+
+    The logits are built by the callables, so that each is freed once its log-softmax is taken.
+    """
     with torch.no_grad():
-        log_p = F.log_softmax(teacher_logits, dim=-1)
+        log_p = F.log_softmax(teacher_logits(), dim=-1)
         p = log_p.exp()
         neg_entropy = torch.einsum("...i,...i->...", p, log_p)
-    return (neg_entropy - torch.einsum("...i,...i->...", p, F.log_softmax(student_logits, dim=-1))).clamp_min(0)
+    del log_p
+    return (neg_entropy - torch.einsum("...i,...i->...", p, F.log_softmax(student_logits(), dim=-1))).clamp_min(0)
 
 
 def check_block_size(value: Any) -> int | None:
@@ -165,7 +169,7 @@ def minibatch_kl(student: Tensor, teacher: Tensor, tau: float, block_size: int |
         def similarities(unit: Tensor) -> Tensor:
             return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / tau  # (B, B, L, L)
 
-        return _unblocked_kl(similarities(teacher), similarities(student)).mean(dim=-1)
+        return _unblocked_kl(lambda: similarities(teacher), lambda: similarities(student)).mean(dim=-1)
     rows = min(block_rows(block_size, batch * length, student.element_size()), length)
     if torch.is_grad_enabled() and student.requires_grad:
         out: Tensor = _MiniBatchKL.apply(student, teacher, tau, rows, reduction == "none")
@@ -220,7 +224,7 @@ def memory_kl(student: Tensor, teacher: Tensor, entries: Tensor, scale: float, b
     """
     if _fits(block_size, student.shape[0], entries.shape[0], student.element_size()):
         entries_t = entries.t()
-        return _unblocked_kl((teacher @ entries_t) * scale, (student @ entries_t) * scale).mean()
+        return _unblocked_kl(lambda: (teacher @ entries_t) * scale, lambda: (student @ entries_t) * scale).mean()
     rows = block_rows(block_size, entries.shape[0], student.element_size())
     if torch.is_grad_enabled() and student.requires_grad:
         total: Tensor = _MemoryKL.apply(student, teacher, entries, scale, rows)
