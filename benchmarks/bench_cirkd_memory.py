@@ -21,7 +21,7 @@ region entries per class: 4200 and 1050), every pixel an anchor.
 
 Usage::
 
-    python benchmarks/bench_cirkd_memory.py                # all cases (about 10 min on 2 cores)
+    python benchmarks/bench_cirkd_memory.py                # all cases: over 30 min on 2 cores, ~5 GB (mb-4-128)
     python benchmarks/bench_cirkd_memory.py --cases mb-2-64 mem-2-64 --repeats 3
 """
 
