@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segkd import _checks
+from segkd.losses._cirkd_blocks import check_block_size, memory_kl, minibatch_kl
 from segkd.losses._cirkd_memory import (
     concat_all_gather,
     enqueue_pixels,
@@ -55,31 +56,13 @@ def _check_features(student: Tensor, teacher: Tensor) -> None:
     _checks.check_student_teacher_features(student, teacher)
 
 
-@torch.no_grad()
-def _teacher_distribution(teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax of the teacher along the last dimension and its negative entropy ``sum p log p``."""
-    log_p_t = F.log_softmax(teacher_logits, dim=-1)
-    p_t = log_p_t.exp()
-    return p_t, torch.einsum("...i,...i->...", p_t, log_p_t)
-
-
-def _kl_to_teacher(student_logits: Tensor, teacher: tuple[Tensor, Tensor]) -> Tensor:
-    """``KL(p_t || softmax(student))`` along the last dimension, from :func:`_teacher_distribution`.
-
-    The dot products go through ``einsum`` (a batched matmul, no elementwise product tensor).
-    Autograd saves two full-size tensors: the teacher probabilities and the student log-probabilities.
-    """
-    p_t, neg_entropy = teacher
-    # KL >= 0, but for near-equal rows the two terms cancel and rounding can leave ~-1e-8: clamp it.
-    return (neg_entropy - torch.einsum("...i,...i->...", p_t, F.log_softmax(student_logits, dim=-1))).clamp_min(0)
-
-
 def cirkd_minibatch_loss(
     student_feat: Tensor,
     teacher_feat: Tensor,
     tau: float = 0.1,
     pool: int | None = None,
     reduction: Reduction = "mean",
+    block_size: int | None = None,
 ) -> Tensor:
     r"""CIRKD mini-batch pixel-to-pixel loss: cross-image similarity distributions of every image pair.
 
@@ -99,14 +82,18 @@ def cirkd_minibatch_loss(
     Reference: C. Yang, H. Zhou, Z. An, X. Jiang, Y. Xu, Q. Zhang, "Cross-Image Relational
     Knowledge Distillation for Semantic Segmentation", CVPR 2022.
 
-    Memory: the ``B^2`` matrices of ``L x L`` are built at once (one batched matmul, vectorised
-    over all pairs). Autograd keeps two ``B^2 L^2`` tensors (teacher probabilities, student
-    log-probabilities); the peak is about three, i.e. ``~12 B^2 L^2`` bytes in fp32 (measured 3.1
-    tensors on CPU for ``B = 2, L = 4096``): about 3.3 GB for ``B = 2`` and a ``64 x 128`` feature
-    map. ``pool=k`` averages ``k x k`` windows first (stride ``k``, the last window partial, as
-    ``AvgPool2d(k, k, ceil_mode=True)``), dividing that by about ``k^4`` (``pool=2``: 0.2 GB).
-    The authors' latest code pools ``4 x 4`` once both sides are >= 256; their first release
-    does not pool.
+    Memory: the similarities are computed in blocks of at most ``block_size`` anchor pixels (rows
+    ``u`` of one image ``i``, against all ``B L`` pixels of the batch), and each block's gradient is
+    formed and contracted with the features at once; what autograd keeps is the size of the features
+    (``B C_s L`` numbers; ``2 B^2 C_s L`` with ``reduction="none"``). The peak is about four
+    ``block_size x B L`` tensors (see ``docs/losses/cirkd.md``, "Memory-bounded blocks", for figures),
+    where the unblocked formula peaks at about three ``B^2 L^2`` tensors (``~12 B^2 L^2`` bytes in fp32,
+    3.3 GB for ``B = 2`` and a ``64 x 128`` feature map). ``block_size=None`` computes all pairs at once
+    by plain autograd when four ``B L x B L`` tensors fit 256 MiB (faster), else picks the most anchors
+    per block that fit it. ``pool=k`` averages ``k x k`` windows first (stride ``k``, the last window
+    partial, as ``AvgPool2d(k, k, ceil_mode=True)``), dividing ``L`` by about ``k^2``. The authors'
+    latest code pools ``4 x 4`` once both sides are >= 256; their first release does not pool. Computed
+    in blocks, the result is not twice differentiable.
 
     The teacher is detached inside: it never receives a gradient. A student feature vector that is
     exactly zero (no direction) passes no gradient, where ``F.normalize`` would pass ``1e12`` times the
@@ -119,6 +106,8 @@ def cirkd_minibatch_loss(
         pool: kernel (= stride) of an average pooling applied first, or ``None`` for none.
         reduction: ``"mean"`` averages over the ``B^2`` ordered pairs (the formula); ``"sum"``
             adds them; ``"none"`` returns the ``(B, B)`` per-pair terms (mean over rows).
+        block_size: anchor pixels per block (>= 1; a block never spans two images), or ``None``: no
+            blocks if everything fits 256 MiB, else blocks that do. Changes memory and speed, not the result.
 
     Shape:
         - student_feat: ``(N, C_s, H, W)``; teacher_feat: ``(N, C_t, H, W)``.
@@ -128,9 +117,9 @@ def cirkd_minibatch_loss(
         The loss, in fp32 (fp64 for fp64 inputs).
 
     Raises:
-        TypeError: non-tensor or integer features, non-numeric ``tau``, non-int ``pool``.
+        TypeError: non-tensor or integer features, non-numeric ``tau``, non-int ``pool`` or ``block_size``.
         ValueError: not 4-D, ``N``/``H``/``W`` or device differ, empty input, ``tau`` outside ``[1e-12, 1e12]``,
-            ``pool < 1``, unknown ``reduction``.
+            ``pool < 1``, ``block_size < 1``, unknown ``reduction``.
 
     Example:
         >>> import torch
@@ -150,6 +139,7 @@ def cirkd_minibatch_loss(
     tau = _checks.check_temperature(tau)
     if pool is not None:
         pool = _checks.check_positive_int(pool, "pool")
+    block_size = check_block_size(block_size)
     dtype = compute_dtype(student_feat, teacher_feat)
     student = student_feat.to(dtype)
     teacher = teacher_feat.detach().to(dtype)
@@ -157,15 +147,12 @@ def cirkd_minibatch_loss(
         student = F.avg_pool2d(student, pool, stride=pool, ceil_mode=True)
         teacher = F.avg_pool2d(teacher, pool, stride=pool, ceil_mode=True)
 
-    def similarities(feat: Tensor) -> Tensor:
-        unit = unit_vectors(feat.flatten(2))  # (B, C, L); a zero vector passes no gradient
-        return torch.matmul(unit.transpose(1, 2).unsqueeze(1), unit.unsqueeze(0)) / tau  # (B, B, L, L)
-
-    # Each (B, B, L, L) similarity tensor is a temporary: freed as soon as its softmax is taken.
     with _full_precision(student):
-        target = _teacher_distribution(similarities(teacher))
-        kl = _kl_to_teacher(similarities(student), target)  # (B, B, L)
-    return reduce_terms(kl.mean(dim=-1), reduction)
+        # (B, C, L) unit vectors; a zero student vector passes no gradient.
+        terms = minibatch_kl(
+            unit_vectors(student.flatten(2)), unit_vectors(teacher.flatten(2)), tau, block_size, reduction
+        )
+    return reduce_terms(terms, reduction)
 
 
 class CIRKDMiniBatchLoss(nn.Module):
@@ -175,6 +162,7 @@ class CIRKDMiniBatchLoss(nn.Module):
         tau: temperature of the similarity softmax, > 0 (paper: 0.1).
         pool: kernel (= stride) of an average pooling applied first, or ``None``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        block_size: anchor pixels per block, or ``None`` (256 MiB of temporaries); see :func:`cirkd_minibatch_loss`.
 
     Shape:
         - student, teacher: ``(N, C_s, H, W)`` and ``(N, C_t, H, W)``.
@@ -190,14 +178,21 @@ class CIRKDMiniBatchLoss(nn.Module):
         2.9569
     """
 
-    def __init__(self, tau: float = 0.1, pool: int | None = None, reduction: Reduction = "mean") -> None:
+    def __init__(
+        self,
+        tau: float = 0.1,
+        pool: int | None = None,
+        reduction: Reduction = "mean",
+        block_size: int | None = None,
+    ) -> None:
         super().__init__()
         self.tau = _checks.check_temperature(tau)
         self.pool = None if pool is None else _checks.check_positive_int(pool, "pool")
         self.reduction: Reduction = _checks.check_reduction(reduction)  # type: ignore[assignment]
+        self.block_size = check_block_size(block_size)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return cirkd_minibatch_loss(student, teacher, self.tau, self.pool, self.reduction)
+        return cirkd_minibatch_loss(student, teacher, self.tau, self.pool, self.reduction, self.block_size)
 
     def distillation_checks(self) -> LossDeclaration:
         """The properties :func:`segkd.testing.check_distillation_loss` checks on this loss, and its reference."""
@@ -211,7 +206,7 @@ class CIRKDMiniBatchLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}"
+        return f"tau={self.tau}, pool={self.pool}, reduction={self.reduction!r}, block_size={self.block_size}"
 
 
 def _check_entries(entries: Tensor, name: str, dim: int) -> None:
@@ -230,6 +225,7 @@ def cirkd_memory_kl(
     contrast_tau: float = 0.1,
     kd_tau: float = 1.0,
     ignore_index: int = 255,
+    block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""CIRKD memory-based pixel-to-pixel and pixel-to-region loss, given sampled queue entries.
 
@@ -255,6 +251,12 @@ def cirkd_memory_kl(
 
     The teacher embedding and the entries are detached inside: they never receive a gradient.
 
+    Memory: the ``V x M`` logits are computed in blocks of at most ``block_size`` anchors, each block's
+    gradient contracted with the entries at once; autograd keeps ``V D`` numbers per term and the peak
+    is about four ``block_size x M`` tensors (unblocked: two ``V x M`` kept, three at the peak). With
+    ``block_size=None`` there are no blocks (plain autograd) when four ``V x M`` tensors fit 256 MiB.
+    Computed in blocks, the result is not twice differentiable.
+
     Args:
         student_embed: student embedding, already projected to the teacher's width (CIRKD's
             projection head; :class:`CIRKDMemoryLoss` applies it).
@@ -266,6 +268,8 @@ def cirkd_memory_kl(
         contrast_tau: temperature of the similarities, > 0 (paper: 0.1).
         kd_tau: temperature of the KL between the similarity distributions, > 0 (paper: 1).
         ignore_index: label of pixels that are not anchors.
+        block_size: anchors per block (>= 1), or ``None``: no blocks if everything fits 256 MiB, else
+            blocks that do. Changes memory and speed, not the result.
 
     Shape:
         - student_embed, teacher_embed: ``(N, D, h, w)``.
@@ -277,9 +281,10 @@ def cirkd_memory_kl(
         The two losses, in fp32 (fp64 for fp64 inputs).
 
     Raises:
-        TypeError: non-tensor or integer features or entries, floating labels, non-numeric temperatures.
+        TypeError: non-tensor or integer features or entries, floating labels, non-numeric temperatures,
+            non-int ``block_size``.
         ValueError: shapes or devices differ, wrong number of dims, entries of another width,
-            labels of another batch size, empty input, temperatures <= 0.
+            labels of another batch size, empty input, temperatures <= 0, ``block_size < 1``.
 
     Example:
         >>> import torch
@@ -309,6 +314,7 @@ def cirkd_memory_kl(
     contrast_tau = _checks.check_temperature(contrast_tau, "contrast_tau")
     kd_tau = _checks.check_temperature(kd_tau, "kd_tau")
     ignore_index = _checks.check_int(ignore_index, "ignore_index")
+    block_size = check_block_size(block_size)
     _checks.check_finite_if_enabled(student_embed, "student_embed")
     _checks.check_finite_if_enabled(teacher_embed, "teacher_embed")
 
@@ -324,9 +330,7 @@ def cirkd_memory_kl(
     scale = 1.0 / (contrast_tau * kd_tau)
 
     def term(entries: Tensor) -> Tensor:
-        entries_t = entries.detach().to(dtype).t()
-        target = _teacher_distribution((teacher @ entries_t) * scale)
-        return _kl_to_teacher((student @ entries_t) * scale, target).mean() * (kd_tau * kd_tau)
+        return memory_kl(student, teacher, entries.detach().to(dtype), scale, block_size) * (kd_tau * kd_tau)
 
     with _full_precision(student):
         return term(pixel_entries), term(region_entries)
@@ -398,6 +402,8 @@ class CIRKDMemoryLoss(nn.Module):
             for half the memory).
         generator: source of every random draw (queue initialisation, pixels to enqueue, slots
             to sample), on any device; the global RNG when ``None``. Not saved in ``state_dict``.
+        block_size: anchors per block of the similarities, or ``None`` (256 MiB of temporaries); see
+            :func:`cirkd_memory_kl`.
 
     Shape:
         - student: ``(N, C_s, h, w)``; teacher: ``(N, D, h, w)``; labels: ``(N, H, W)``, integer.
@@ -450,8 +456,10 @@ class CIRKDMemoryLoss(nn.Module):
         pixel_update_freq: int = 16,
         queue_dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.block_size = check_block_size(block_size)
         self.num_classes = _checks.check_positive_int(num_classes, "num_classes")
         self.student_channels = _checks.check_positive_int(student_channels, "student_channels")
         self.teacher_channels = _checks.check_positive_int(teacher_channels, "teacher_channels")
@@ -557,6 +565,7 @@ class CIRKDMemoryLoss(nn.Module):
             self.contrast_tau,
             self.kd_tau,
             self.ignore_index,
+            self.block_size,
         )
 
     def distillation_checks(self) -> LossDeclaration:
@@ -623,6 +632,8 @@ class CIRKDLoss(nn.Module):
         pixel_update_freq: most pixels enqueued per image and class (16).
         queue_dtype: dtype of the queues.
         generator: source of the memory term's random draws; the global RNG when ``None``.
+        block_size: anchor pixels per block of the mini-batch and memory similarities, or ``None`` to
+            fit each block's temporaries in 256 MiB (see :func:`cirkd_minibatch_loss`).
 
     Shape:
         - student_logits, teacher_logits: ``(N, K', H', W')``, the same shape.
@@ -675,6 +686,7 @@ class CIRKDLoss(nn.Module):
         pixel_update_freq: int = 16,
         queue_dtype: torch.dtype = torch.float32,
         generator: torch.Generator | None = None,
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         self.kd_weight = _checks.check_non_negative(kd_weight, "kd_weight")
@@ -682,7 +694,7 @@ class CIRKDLoss(nn.Module):
         self.memory_pixel_weight = _checks.check_non_negative(memory_pixel_weight, "memory_pixel_weight")
         self.memory_region_weight = _checks.check_non_negative(memory_region_weight, "memory_region_weight")
         self.kd_tau = _checks.check_temperature(kd_tau, "kd_tau")
-        self.minibatch = CIRKDMiniBatchLoss(tau=contrast_tau, pool=minibatch_pool)
+        self.minibatch = CIRKDMiniBatchLoss(tau=contrast_tau, pool=minibatch_pool, block_size=block_size)
         self.memory = CIRKDMemoryLoss(
             num_classes,
             student_channels,
@@ -697,6 +709,7 @@ class CIRKDLoss(nn.Module):
             pixel_update_freq=pixel_update_freq,
             queue_dtype=queue_dtype,
             generator=generator,
+            block_size=block_size,
         )
 
     def forward(
